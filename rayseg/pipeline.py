@@ -1,0 +1,164 @@
+"""`rayseg segment`: the Ray Data plan, top to bottom.
+
+    rayseg segment 'images/*.png' shards/*.tar s3://bucket/archive/ --output out/ --checkpoint runs/x/best
+
+discover -> read (tasks) -> decode (tasks) -> predict (actor pool) -> encode + stats (tasks) -> write Parquet,
+then OUT/_rayseg.json last: its presence means the run finished. Rows land in OUT/images/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import sys
+import time
+
+import ray
+
+from rayseg import storage
+from rayseg.cliutil import add_config_arguments, config_from, config_from_args
+from rayseg.config import SegmentConfig, actor_range
+from rayseg.decode import decode_batch
+from rayseg.errors import UserError
+from rayseg.models import ModelBundle, load_bundle
+from rayseg.predict import PredictOptions, Predictor
+from rayseg.shards import read_units
+from rayseg.stats import encode_batch
+
+log = logging.getLogger("rayseg")
+
+IMAGES_DIR, SUMMARY_FILE = "images", "_rayseg.json"
+FILES_PER_UNIT = 16  # single image files are read 16 to a task: one task per file costs more in scheduling than in reading
+
+
+def work_units(shards: list[storage.Shard]) -> list[dict]:
+    units, files = [], []
+    for s in shards:
+        if s.kind == "image":
+            files.append(s.url)
+        else:
+            units.append({"kind": s.kind, "urls": [s.url]})
+    units += [{"kind": "image", "urls": files[i : i + FILES_PER_UNIT]} for i in range(0, len(files), FILES_PER_UNIT)]
+    return units
+
+
+def ensure_ray(address: str | None, quiet: bool = False) -> None:
+    """Join the cluster at --address / RAY_ADDRESS, or start Ray embedded in this process."""
+    if ray.is_initialized():
+        return
+    ctx = ray.init(address=address, log_to_driver=not quiet, configure_logging=True, logging_level=logging.WARNING)
+    log.info("Ray %s, resources %s", ray.__version__, {k: v for k, v in ray.cluster_resources().items() if "node:" not in k})
+    del ctx
+
+
+def actor_plan(cfg: SegmentConfig) -> tuple[tuple[int, int], dict, int]:
+    """(pool min:max, ray resources per actor, torch threads per actor) from the cluster's resources."""
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+    if use_gpu:
+        pool = actor_range(cfg.actors) if cfg.actors else (1, max(1, gpus))
+        return pool, {"num_gpus": 1, "num_cpus": 1}, 1
+    pool = actor_range(cfg.actors) if cfg.actors else (1, 1)
+    # A CPU actor reserves one CPU so decode/encode tasks keep the rest; torch may use more threads than it
+    # reserves, since the forward pass is the bottleneck and the other stages are light.
+    threads = max(1, cpus // pool[1])
+    return pool, {"num_cpus": 1}, threads
+
+
+def build_plan(cfg: SegmentConfig, shards: list[storage.Shard], bundle: ModelBundle):
+    """The whole Ray Data plan as one dataset of output rows (pyarrow tables with stats.SCHEMA)."""
+    pool, resources, threads = actor_plan(cfg)
+    opts = PredictOptions(device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size, tile=cfg.tile,
+                          overlap=cfg.overlap, tta=cfg.tta, compile=cfg.compile, confidence_map=cfg.objects, threads=threads)
+    units = work_units(shards)
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ds.map_batches(read_units, batch_size=1, fn_kwargs={"storage_options": cfg.storage_options, "h5_key": cfg.h5_key, "image_column": cfg.image_column})
+    ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, fn_kwargs={"max_pixels": cfg.max_pixels})
+    ds = ds.map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_args=(bundle, opts),
+                        compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **resources)
+    ds = ds.map_batches(encode_batch, batch_size=cfg.batch_size, fn_kwargs={"num_classes": bundle.card.num_classes, "mask_format": cfg.mask_format})
+    return ds
+
+
+def public_config(cfg: SegmentConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["storage_options"] = storage.redact(cfg.storage_options)
+    d["inputs"] = list(cfg.inputs)
+    return d
+
+
+def count_output(url: str, storage_options: dict) -> tuple[int, int, list[dict]]:
+    """(rows, error rows, up to 20 error examples) read back from what was written."""
+    import pyarrow.dataset as pads
+
+    fs, path = storage.pyarrow_filesystem(url, storage_options)
+    try:
+        table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["image_id", "error"])
+    except FileNotFoundError:
+        return 0, 0, []
+    errors = table.filter(table["error"].is_valid())
+    examples = errors.slice(0, 20).to_pylist()
+    return table.num_rows, errors.num_rows, examples
+
+
+def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
+    """Run `rayseg segment`; returns the summary that is also written to OUT/_rayseg.json."""
+    cfg = config if config is not None else config_from(SegmentConfig, kwargs)
+    started, t0 = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+    so = cfg.storage_options
+    shards, ignored = storage.discover(cfg.inputs, so)
+    if storage.is_nonempty(cfg.output, so):
+        if not cfg.overwrite:
+            raise UserError(f"the output {cfg.output} is not empty; pass --overwrite to replace it")
+        storage.remove(cfg.output, so)
+    bundle = load_bundle(cfg.checkpoint, cfg.model, cfg.num_classes, cfg.weights, cfg.input_size, so)
+    ensure_ray(cfg.address, cfg.quiet)
+    ray.data.DataContext.get_current().enable_progress_bars = not cfg.quiet and sys.stderr.isatty()
+    t_ready = time.perf_counter()
+
+    images_url = storage.join(cfg.output, IMAGES_DIR)
+    pa_fs, images_path = storage.pyarrow_filesystem(images_url, so)
+    build_plan(cfg, shards, bundle).write_parquet(images_path, filesystem=pa_fs)
+
+    rows, errors, examples = count_output(images_url, so)
+    summary = {
+        "command": "segment",
+        "output": cfg.output,
+        "images_table": images_url,
+        "shards": len(shards),
+        "images": rows,
+        "rows": rows,
+        "errors": errors,
+        "error_examples": examples,
+        "ignored_files": ignored,
+        "model": bundle.label,
+        "model_digest": bundle.digest,
+        "classes": bundle.card.names(),
+        "config": public_config(cfg),
+        "started_at": started.isoformat(),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "startup_s": round(t_ready - t0, 3),
+        "elapsed_s": round(time.perf_counter() - t0, 3),
+        "rayseg_version": __import__("rayseg").__version__,
+        "ray_version": ray.__version__,
+    }
+    storage.write_json(storage.join(cfg.output, SUMMARY_FILE), summary, so)
+    return summary
+
+
+def register(sub) -> None:
+    p = sub.add_parser("segment", help="segment image shards into a Parquet table of masks and statistics",
+                       description=__doc__.split("\n\n")[0])
+    add_config_arguments(p, SegmentConfig)
+    p.add_argument("--config", help="YAML file of options (same names as the flags); flags override it")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    import json
+
+    summary = segment(config_from_args(SegmentConfig, args, args.config))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "error_examples")}, default=str))
+    return 0

@@ -1,0 +1,188 @@
+"""The predictor: one model per actor, uint8 batches in, masks and confidences out.
+
+Everything after the host->device copy happens on the device: normalisation, resizing to the model input,
+the forward pass (bf16 autocast on GPU), resizing logits back to each image's size, softmax, argmax.
+Images much larger than the model input are segmented at full resolution by a sliding window whose logits
+are blended with Gaussian weights (as nnU-Net does), so memory is bounded by the tile, not the image.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rayseg.models import ModelBundle
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    batch_size: int = 16
+    tile: int | None = None  # None: tile only images over twice the input size, with tiles of the input size
+    overlap: float = 0.25
+    tta: str = "none"  # none | flip
+    compile: bool = False
+    confidence_map: bool = False  # keep the per-pixel confidence (for the objects table)
+    threads: int | None = None  # torch intra-op threads on CPU
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but this worker has no CUDA device")
+    return torch.device(device)
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def gaussian_weight(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """Tile blending weights: high in the centre, low (never zero) at the borders; sigma = side / 8 as in nnU-Net."""
+
+    def g(n: int) -> torch.Tensor:
+        x = torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2
+        return torch.exp(-0.5 * (x / max(n / 8, 1e-3)) ** 2)
+
+    wgt = g(h)[:, None] * g(w)[None, :]
+    wgt = wgt / wgt.max()
+    return wgt.clamp_min(1e-3)
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    if length <= tile:
+        return [0]
+    step = max(1, int(tile * (1 - overlap)))
+    starts = list(range(0, length - tile + 1, step))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+class Predictor:
+    """Ray Data callable class: `__init__` builds the model once per actor, `__call__` handles one batch."""
+
+    def __init__(self, bundle: ModelBundle, options: PredictOptions):
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        self.opts = options
+        self.device = resolve_device(options.device)
+        self.amp = autocast_dtype(self.device, options.precision)
+        self.card = bundle.card
+        self.size = bundle.card.input_size
+        self.model = bundle.build().to(self.device, memory_format=torch.channels_last)
+        if options.compile:
+            self.model = torch.compile(self.model)
+        self.mean = torch.tensor(self.card.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(self.card.std, device=self.device).view(1, 3, 1, 1) * 255
+        self.label = bundle.label
+
+    # -- tensors in, logits out -------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float NCHW in 0..255 at any size -> logits NKHW (float32), with test-time augmentation if asked."""
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        out = self._forward(x)
+        if self.opts.tta == "flip":
+            out = out + self._forward(x.flip(-1)).flip(-1) + self._forward(x.flip(-2)).flip(-2)
+            out = out / 3
+        return out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for chunk in x.split(self.opts.batch_size):
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                outs.append(self.model(chunk).float())
+        return torch.cat(outs)
+
+    def _to_device(self, img: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(img)
+        if self.device.type == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        return t.permute(2, 0, 1).unsqueeze(0).float()  # HWC uint8 -> 1CHW, channels_last in memory
+
+    def needs_tiling(self, h: int, w: int) -> bool:
+        if self.opts.tile:
+            return h > self.opts.tile or w > self.opts.tile
+        return h > 2 * self.size or w > 2 * self.size
+
+    @torch.inference_mode()
+    def resized_logits(self, imgs: list[np.ndarray]) -> list[torch.Tensor]:
+        """Whole-image inference: each image resized to the model input, logits resized back to its size."""
+        s = self.size
+        xs = []
+        for img in imgs:
+            x = self._to_device(img)
+            xs.append(x if x.shape[-2:] == (s, s) else F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False))
+        out = self.logits(torch.cat(xs))
+        res = []
+        for img, lg in zip(imgs, out):
+            h, w = img.shape[:2]
+            lg = lg[None]
+            res.append((lg if (h, w) == (s, s) else F.interpolate(lg, size=(h, w), mode="bilinear", align_corners=False))[0])
+        return res
+
+    @torch.inference_mode()
+    def tiled_logits(self, img: np.ndarray) -> torch.Tensor:
+        """Sliding window at full resolution; tile logits blended with Gaussian weights."""
+        h, w = img.shape[:2]
+        t = self.opts.tile or self.size
+        th, tw = min(t, h), min(t, w)
+        x = self._to_device(img)
+        acc = torch.zeros((self.card.num_classes, h, w), device=self.device)
+        norm = torch.zeros((1, h, w), device=self.device)
+        wgt = gaussian_weight(th, tw, self.device)
+        boxes = [(y, xx) for y in tile_starts(h, th, self.opts.overlap) for xx in tile_starts(w, tw, self.opts.overlap)]
+        for i in range(0, len(boxes), self.opts.batch_size):
+            part = boxes[i : i + self.opts.batch_size]
+            out = self.logits(torch.cat([x[:, :, y : y + th, xx : xx + tw] for y, xx in part]))
+            for (y, xx), lg in zip(part, out):
+                acc[:, y : y + th, xx : xx + tw] += lg * wgt
+                norm[:, y : y + th, xx : xx + tw] += wgt
+        return acc / norm
+
+    # -- the Ray Data stage -----------------------------------------------------------------
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["image_id"])
+        masks = np.empty(n, dtype=object)
+        confmaps = np.empty(n, dtype=object)
+        mean_conf = np.full(n, np.nan, np.float32)
+        ok = [i for i in range(n) if batch["error"][i] is None]
+        small = [i for i in ok if not self.needs_tiling(*batch["image"][i].shape[:2])]
+        results: dict[int, torch.Tensor] = {}
+        for i, lg in zip(small, self.resized_logits([batch["image"][i] for i in small]) if small else []):
+            results[i] = lg
+        for i in ok:
+            lg = results.pop(i, None)
+            if lg is None:
+                lg = self.tiled_logits(batch["image"][i])
+            conf, mask = torch.softmax(lg, dim=0).max(dim=0)
+            masks[i] = mask.to(torch.uint8).cpu().numpy()
+            mean_conf[i] = conf.mean().item()
+            if self.opts.confidence_map:
+                confmaps[i] = (conf * 255).round().to(torch.uint8).cpu().numpy()
+        placeholder = np.zeros((1, 1), np.uint8)
+        for i in range(n):
+            if masks[i] is None:
+                masks[i] = placeholder
+            if confmaps[i] is None:
+                confmaps[i] = placeholder
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out["mask"] = masks
+        out["mean_confidence"] = mean_conf
+        if self.opts.confidence_map:
+            out["confidence"] = confmaps
+        out["model"] = np.array([self.label] * n, dtype=object)
+        return out
+
+
+def default_threads() -> int:
+    return max(1, int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1))

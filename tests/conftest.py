@@ -1,0 +1,80 @@
+"""Shared fixtures: one embedded Ray per test session, a real S3 endpoint on loopback (moto server), tiny archives."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import tarfile
+
+import cv2
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """An embedded Ray sized for the 2-core machine; segment() joins it instead of starting its own."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint on 127.0.0.1 (moto in server mode); s3fs talks to it over HTTP like to AWS."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server):
+    """A fresh bucket; returns (bucket URL, storage options)."""
+    import uuid
+
+    import s3fs
+
+    opts = {"endpoint_url": s3_server, "key": "testing-key", "secret": "testing-secret-value", "client_kwargs": {"region_name": "us-east-1"}}
+    bucket = f"rayseg-{uuid.uuid4().hex[:10]}"
+    fs = s3fs.S3FileSystem(**opts)
+    fs.mkdir(bucket)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return f"s3://{bucket}", opts
+
+
+def png_bytes(img: np.ndarray, ext: str = ".png") -> bytes:
+    ok, buf = cv2.imencode(ext, img)
+    assert ok
+    return buf.tobytes()
+
+
+def random_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for name, data in members.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
