@@ -232,7 +232,8 @@ def write_archive(url: str, layout: str, count: int, *, labelled: bool, seed: in
     Layouts: h5 (shard-NNNNN.h5: `images` (N,H,W,3), `masks` (N,H,W); one size per shard), folders
     (images/KEY.png, masks/KEY.png), tar (WebDataset shard-NNNNN.tar: KEY.png, KEY.mask.png, and KEY.json
     with `metadata`), files (KEY.png) and parquet (shard-NNNNN.parquet: `key` string, `image` encoded bytes).
-    `shards` is ignored by files and folders. The blobs generator always has 2 classes.
+    Images are .jpg instead of .png with image_format "jpeg"; masks are always PNG. `shards` is ignored by
+    files and folders. The blobs generator always has 2 classes. A shard is built in memory, then uploaded.
     """
     import fsspec
 
@@ -255,15 +256,18 @@ def write_archive(url: str, layout: str, count: int, *, labelled: bool, seed: in
         return make_blobs(rng, h, w) if generator == "blobs" else make_sample(rng, h, w, num_classes)
 
     written: list[str] = []
+    folders: set[str] = set()  # each makedirs is a request on object stores: once per folder
 
     def put(relative: str, data: bytes) -> None:
         path = f"{root}/{relative}"
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        folder = path.rsplit("/", 1)[0]
+        if folder not in folders:
+            fs.makedirs(folder, exist_ok=True)
+            folders.add(folder)
         with fs.open(path, "wb") as f:
             f.write(data)
         written.append(f"{url.rstrip('/')}/{relative}")
 
-    fs.makedirs(root, exist_ok=True)
     if layout in ("files", "folders"):
         for i, key in enumerate(keys):
             image, mask = draw(i)
