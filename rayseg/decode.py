@@ -124,6 +124,12 @@ def decode(data: bytes, fmt: str, max_pixels: int = 100_000_000) -> np.ndarray:
     return decode_npy(data, max_pixels) if fmt == "npy" else decode_encoded(data, max_pixels)
 
 
+def errors_of(batch: dict[str, np.ndarray]) -> list[str | None]:
+    """The batch's `error` column as str | None. A block whose rows are all good stores the column with Arrow's
+    null type, and Ray hands that back to the next stage as float NaN, not None."""
+    return [e if isinstance(e, str) else None for e in batch["error"]]
+
+
 EMPTY = np.zeros((1, 1, 3), np.uint8)  # stands in for the image of an error row, so the column keeps one type
 
 
@@ -131,7 +137,7 @@ def decode_batch(batch: dict[str, np.ndarray], max_pixels: int = 100_000_000) ->
     """Ray Data stage: adds `image`, `height`, `width`; a bad image sets `error` and keeps flowing."""
     n = len(batch["image_id"])
     images, heights, widths = [], np.zeros(n, np.int32), np.zeros(n, np.int32)
-    errors = list(batch["error"])
+    errors = errors_of(batch)
     for i in range(n):
         img = EMPTY
         if errors[i] is None:

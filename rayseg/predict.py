@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rayseg.decode import errors_of
 from rayseg.models import ModelBundle
 
 
@@ -155,7 +156,8 @@ class Predictor:
         masks = np.empty(n, dtype=object)
         confmaps = np.empty(n, dtype=object)
         mean_conf = np.full(n, np.nan, np.float32)
-        ok = [i for i in range(n) if batch["error"][i] is None]
+        errors = errors_of(batch)
+        ok = [i for i in range(n) if errors[i] is None]
         small = [i for i in ok if not self.needs_tiling(*batch["image"][i].shape[:2])]
         results: dict[int, torch.Tensor] = {}
         for i, lg in zip(small, self.resized_logits([batch["image"][i] for i in small]) if small else []):
@@ -176,6 +178,7 @@ class Predictor:
             if confmaps[i] is None:
                 confmaps[i] = placeholder
         out = {k: v for k, v in batch.items() if k != "image"}
+        out["error"] = np.array(errors, dtype=object)
         out["mask"] = masks
         out["mean_confidence"] = mean_conf
         if self.opts.confidence_map:
