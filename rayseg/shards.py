@@ -46,16 +46,30 @@ def _tar_key(name: str) -> tuple[str, str]:
     return posixpath.join(d, stem), (dot + ext).lower()
 
 
+def _unsafe_member(name: str) -> bool:
+    """Absolute or climbing ('..') member paths: what tar path-traversal attacks use. Refused, never read."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":")
+
+
 def read_tar(url: str, storage_options: dict) -> Iterator[dict]:
     """Stream a tar shard member by member. Member names are only ever keys, never filesystem paths."""
     key, members = None, {}
+    seen: dict[str, int] = {}  # keys already given a row, and how often
 
     def flush():
+        # WebDataset keeps a sample's members together; a key that comes back later is either more metadata for
+        # a sample already given its row (nothing to add), or a second image under the same key (its own row).
         image_exts = [e for e in members if e in IMAGE_EXTS]
+        n = seen.get(key, 0)
+        if n and not image_exts:
+            return None
+        seen[key] = n + 1
+        image_id = f"{url}::{key}" if n == 0 else f"{url}::{key}#{n + 1}"
         if not image_exts:
             kinds = ", ".join(sorted(members)) or "nothing"
-            return row(f"{url}::{key}", url, error=f"tar sample {key!r} has no image member (found {kinds})")
-        return row(f"{url}::{key}", url, data=members[image_exts[0]])
+            return row(image_id, url, error=f"tar sample {key!r} has no image member (found {kinds})")
+        return row(image_id, url, data=members[image_exts[0]])
 
     count = 0
     try:
@@ -64,16 +78,28 @@ def read_tar(url: str, storage_options: dict) -> Iterator[dict]:
             for member in tar:
                 if not member.isfile():
                     continue
+                if _unsafe_member(member.name):
+                    if key is not None and (r := flush()) is not None:
+                        yield r
+                    key, members = None, {}
+                    n = seen.get(member.name, 0)
+                    seen[member.name] = n + 1
+                    yield row(f"{url}::{member.name}" + (f"#{n + 1}" if n else ""), url,
+                              error=f"tar member {member.name!r} has an unsafe path (absolute or with '..'); it was refused, not read")
+                    count += 1
+                    continue
                 k, ext = _tar_key(member.name)
                 if k != key and key is not None:
-                    yield flush()
+                    if (r := flush()) is not None:
+                        yield r
                     members = {}
                 key = k
                 extracted = tar.extractfile(member)
                 members[ext] = extracted.read() if extracted else b""
                 count += 1
         if key is not None:
-            yield flush()
+            if (r := flush()) is not None:
+                yield r
         elif count == 0:
             yield row(url, url, error="tar shard holds no files")
     except Exception as e:  # noqa: BLE001 - a broken shard becomes an error row, the samples before it stand

@@ -58,7 +58,8 @@ def discover(inputs: tuple[str, ...] | list[str], storage_options: dict | None =
     ignored: list[str] = []
     for inp in inputs:
         fs, path = filesystem(inp, storage_options)
-        if any(ch in path for ch in "*?["):
+        is_glob = any(ch in path for ch in "*?[")
+        if is_glob:
             matches = fs.glob(path, detail=True)
             if not matches:
                 raise UserError(f"the glob {inp} matches no files")
@@ -79,7 +80,7 @@ def discover(inputs: tuple[str, ...] | list[str], storage_options: dict | None =
                     raise UserError(f"the folder {inp} holds no files")
                 explicit = False
             else:
-                files, explicit = [info], True
+                files, explicit = [info], not is_glob  # a glob, like a folder, may catch files of other kinds
             for f in files:
                 name = f["name"]
                 kind = kind_of(name)

@@ -54,8 +54,8 @@ def s3(s3_server):
 
     opts = {"endpoint_url": s3_server, "key": "testing-key", "secret": "testing-secret-value", "client_kwargs": {"region_name": "us-east-1"}}
     bucket = f"rayseg-{uuid.uuid4().hex[:10]}"
-    fs = s3fs.S3FileSystem(**opts)
-    fs.mkdir(bucket)
+    # created without a region: s3fs would turn client_kwargs' region into a LocationConstraint moto refuses
+    s3fs.S3FileSystem(endpoint_url=s3_server, key=opts["key"], secret=opts["secret"]).mkdir(bucket)
     s3fs.S3FileSystem.clear_instance_cache()
     return f"s3://{bucket}", opts
 
