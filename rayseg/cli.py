@@ -12,18 +12,21 @@ import sys
 
 from rayseg.errors import UserError
 
-# subcommand modules, in --help order
-COMMANDS = ("pipeline", "synth", "train", "evaluate", "demo", "nightly", "report", "bench")
+# command -> the module that registers it, in --help order
+COMMANDS = {"segment": "pipeline", "synth": "synth", "train": "train", "evaluate": "evaluate", "demo": "demo",
+            "nightly": "nightly", "report": "report", "bench": "bench"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with `command` only that subcommand's (so `rayseg synth` doesn't import torch and Ray)."""
     from rayseg import __version__
 
     parser = argparse.ArgumentParser(prog="rayseg", description="Segment image archives at cluster scale on Ray.")
     parser.add_argument("--version", action="version", version=f"rayseg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMANDS:
+    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
         try:
             module = importlib.import_module(f"rayseg.{name}")
         except ModuleNotFoundError as e:
@@ -35,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
