@@ -1,0 +1,423 @@
+"""`rayseg train`: a segmentation model trained on labelled pairs with Ray Train (DDP over `--workers` workers).
+
+    rayseg train --data data/train --val-data data/val --model unet --num-classes 3 --output runs/shapes
+    rayseg train --data s3://b/train/ --val-data s3://b/val/ --workers 8 --use-gpu --output s3://b/runs/x
+
+Each epoch: augment (random scale, crop/pad, flips), cross-entropy + Dice, step; then validate exactly as
+`rayseg segment` predicts (the same Predictor) and `ray.train.report` the metrics with a checkpoint:
+OUTPUT/run/epoch-NNNN/ holds model.pt + model.json (a rayseg checkpoint) and train_state.pt (optimizer etc.).
+After the last epoch the best checkpoint by validation mIoU is copied to OUTPUT/best/, and
+OUTPUT/train_summary.json is written. Starting the same command again resumes the run from its last
+checkpoint (Ray Train resumes a RunConfig(name, storage_path) it finds in storage); a finished run says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rayseg import storage
+from rayseg.cliutil import add_config_arguments, config_from, config_from_args
+from rayseg.config import MODEL_NAMES, _f
+from rayseg.errors import UserError
+from rayseg.metrics import ConfusionMatrix, nan_to_none
+from rayseg.models import CARD_FILE, IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_FILE, ModelCard
+
+log = logging.getLogger("rayseg")
+
+RUN_NAME, BEST_DIR, SUMMARY_FILE, STATE_FILE = "run", "best", "train_summary.json", "train_state.pt"
+IGNORE = 255  # mask value of pixels padded in by augmentation: no loss, no score
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: tuple[str, ...] = _f((), "labelled training data: HDF5/tar shards or folders with images/ and masks/")
+    val_data: tuple[str, ...] = _f((), "labelled validation data, same layouts")
+    output: str = _f("", "run folder URL: checkpoints, best/ and train_summary.json", short="-o")
+    model: str = _f("unet", "model architecture", choices=MODEL_NAMES)
+    num_classes: int = _f(2, "number of classes, background included")
+    class_names: tuple[str, ...] = _f((), "class names, background first (default: class_0, class_1, ...)")
+    input_size: int = _f(256, "side of the square model input; training crops and validation resize to it")
+    epochs: int = _f(10, "epochs to train (a resumed run continues up to this many)")
+    batch_size: int = _f(8, "images per worker per step")
+    lr: float = _f(1e-3, "peak learning rate (AdamW, warm-up then cosine decay)")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    loss: str = _f("ce_dice", "ce_dice: softmax cross-entropy + Dice; bce_dice: sigmoid BCE + Dice (2 classes only)", choices=("ce_dice", "bce_dice"))
+    workers: int = _f(2, "Ray Train workers (DDP ranks)")
+    use_gpu: bool = _f(False, "one GPU per worker (NCCL, bf16 autocast)")
+    seed: int = _f(0, "seed of the model initialisation and the augmentations")
+    max_failures: int = _f(3, "worker failures to recover from (from the last checkpoint)")
+    keep_checkpoints: int = _f(2, "checkpoints kept: the best by val mIoU, and always the latest")
+    h5_key: str = _f("images", "HDF5 dataset holding the images")
+    mask_key: str = _f("masks", "HDF5 dataset holding the masks")
+    storage_options: dict = _f({}, "fsspec storage options as JSON, e.g. '{\"endpoint_url\": ...}'")
+    max_pixels: int = _f(100_000_000, "refuse images with more pixels than this")
+    address: str | None = _f(None, "Ray cluster address (default: RAY_ADDRESS, else start Ray embedded)")
+    quiet: bool = _f(False, "less progress output")
+
+    def __post_init__(self):
+        if not self.data:
+            raise UserError("--data is required: labelled training data")
+        if not self.val_data:
+            raise UserError("--val-data is required: labelled validation data (the best checkpoint is picked on it)")
+        if not self.output:
+            raise UserError("--output is required")
+        if not 2 <= self.num_classes <= 255:
+            raise UserError("--num-classes must be between 2 and 255")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise UserError(f"--class-names gives {len(self.class_names)} names for --num-classes {self.num_classes}")
+        if self.loss == "bce_dice" and self.num_classes != 2:
+            raise UserError("--loss bce_dice is for one foreground class: it needs --num-classes 2")
+        for name in ("epochs", "batch_size", "workers", "input_size", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.input_size < 16:
+            raise UserError("--input-size must be at least 16")
+        if not self.lr > 0:
+            raise UserError("--lr must be positive")
+
+
+# ---- augmentation and loss: plain functions, tested without Ray -----------------------------------
+
+
+def augment(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator,
+            scale: tuple[float, float] = (0.75, 1.25)) -> tuple[np.ndarray, np.ndarray]:
+    """Resize to size*s (s random), then a random crop or pad back to size, then random flips.
+
+    The whole image is first brought to the model input, as prediction does, so train and predict see the
+    same scale. Masks are resized with nearest neighbour; padding gets IGNORE in the mask.
+    """
+    side = max(8, int(round(size * rng.uniform(*scale))))
+    img = cv2.resize(image, (side, side), interpolation=cv2.INTER_LINEAR)
+    msk = cv2.resize(mask, (side, side), interpolation=cv2.INTER_NEAREST)
+    if side >= size:
+        y, x = rng.integers(0, side - size + 1, size=2)
+        img, msk = img[y : y + size, x : x + size], msk[y : y + size, x : x + size]
+    else:
+        out_img = np.empty((size, size, 3), np.uint8)
+        out_img[:] = np.round(np.array(IMAGENET_MEAN) * 255).astype(np.uint8)  # normalises to zero
+        out_msk = np.full((size, size), IGNORE, np.uint8)
+        y, x = rng.integers(0, size - side + 1, size=2)
+        out_img[y : y + side, x : x + side], out_msk[y : y + side, x : x + side] = img, msk
+        img, msk = out_img, out_msk
+    if rng.random() < 0.5:
+        img, msk = img[:, ::-1], msk[:, ::-1]
+    if rng.random() < 0.5:
+        img, msk = img[::-1], msk[::-1]
+    return np.ascontiguousarray(img), np.ascontiguousarray(msk)
+
+
+def dice_loss(probs: torch.Tensor, onehot: torch.Tensor, valid: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice per class over the batch (probs, onehot: N,C,H,W; valid: N,1,H,W), mean over classes."""
+    probs, onehot = probs * valid, onehot * valid
+    inter = (probs * onehot).sum(dim=(0, 2, 3))
+    total = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    return 1 - ((2 * inter + eps) / (total + eps)).mean()
+
+
+def criterion(logits: torch.Tensor, target: torch.Tensor, loss: str = "ce_dice") -> torch.Tensor:
+    """logits N,K,H,W (float32); target N,H,W int64 with IGNORE for padding."""
+    valid = (target != IGNORE).unsqueeze(1).float()
+    safe = target.clamp(max=logits.shape[1] - 1) * (target != IGNORE)
+    if loss == "bce_dice":
+        # one foreground logit: l1 - l0, so sigmoid of it is the softmax probability of class 1 and the
+        # checkpoint keeps the K=2 outputs that segment's argmax reads
+        fg = (logits[:, 1] - logits[:, 0]).unsqueeze(1)
+        truth = (safe == 1).unsqueeze(1).float()
+        bce = (F.binary_cross_entropy_with_logits(fg, truth, reduction="none") * valid).sum() / valid.sum().clamp_min(1)
+        return bce + dice_loss(torch.sigmoid(fg), truth, valid)
+    ce = F.cross_entropy(logits, target.long(), ignore_index=IGNORE)
+    onehot = F.one_hot(safe.long(), logits.shape[1]).permute(0, 3, 1, 2).float()
+    return ce + dice_loss(torch.softmax(logits, dim=1), onehot, valid)
+
+
+def warmup_cosine(total_steps: int, warmup: int):
+    """LR factor per step: linear warm-up, then cosine down to 5% (held there past total_steps)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
+def is_mine(image_id: str, rank: int, world: int) -> bool:
+    """Validation rows are dealt to ranks by a hash of their id: every row exactly once, whatever the order."""
+    return zlib.crc32(str(image_id).encode()) % world == rank
+
+
+# ---- the Ray Train worker loop ------------------------------------------------------------------------
+
+
+def _state_dict_bytes(model: torch.nn.Module) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    return buf.getvalue()
+
+
+def validate(model: torch.nn.Module, card: ModelCard, val_iter, batch_size: int, rank: int, world: int) -> ConfusionMatrix:
+    """Predict with segment's Predictor on a snapshot of the weights, so validation scores what segment will produce."""
+    from rayseg.models import ModelBundle
+    from rayseg.predict import PredictOptions, Predictor
+
+    rng_state = torch.random.get_rng_state()  # ModelBundle.build reseeds torch; training must not notice
+    predictor = Predictor(ModelBundle(card, _state_dict_bytes(model), "validation"), PredictOptions(batch_size=batch_size))
+    torch.random.set_rng_state(rng_state)
+    cm = ConfusionMatrix(card.num_classes)
+    for batch in val_iter.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=1):
+        mine = [i for i, iid in enumerate(batch["image_id"]) if is_mine(iid, rank, world)]
+        if not mine:
+            continue
+        images = np.empty(len(mine), dtype=object)
+        images[:] = [batch["image"][i] for i in mine]
+        out = predictor({"image_id": np.asarray(batch["image_id"])[mine], "image": images, "error": np.full(len(mine), None, dtype=object)})
+        for pred, i in zip(out["mask"], mine):
+            cm.update(pred, batch["target"][i])
+    return cm.reduce_from_all_processes()
+
+
+def _all_mean(value: float, count: int) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value / max(count, 1)
+    t = torch.tensor([value, float(count)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0] / t[1].clamp_min(1))
+
+
+def _test_hook(hook_dir: str | None, epoch: int, rank: int) -> None:
+    """Tests only (RAYSEG_TEST_PID_DIR): rank 0 writes its pid after epoch e, and waits while hold-e exists."""
+    if not hook_dir or rank != 0:
+        return
+    with open(os.path.join(hook_dir, f"epoch{epoch}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    hold, deadline = os.path.join(hook_dir, f"hold-{epoch}"), time.time() + 120
+    while os.path.exists(hold) and time.time() < deadline:
+        time.sleep(0.1)
+
+
+def train_loop(loop: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from rayseg.models import build_model, save_checkpoint
+
+    cfg = TrainConfig(**loop["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    torch.manual_seed(cfg.seed)  # the seed controls the initialisation (DDP then broadcasts rank 0's weights)
+    model = build_model(cfg.model, cfg.num_classes)
+    state = {"epoch": 0, "history": [], "starts": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(torch.load(os.path.join(d, WEIGHTS_FILE), map_location="cpu", weights_only=True))
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = max(1, math.ceil(loop["train_rows"] // world / cfg.batch_size)) * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, max(1, steps // 20)))
+    if checkpoint:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    state["starts"] = list(state["starts"]) + [state["epoch"] + 1]
+    card = ModelCard(cfg.model, cfg.num_classes, tuple(cfg.class_names), cfg.input_size, IMAGENET_MEAN, IMAGENET_STD, tuple(loop["trained_on"]))
+    mean = torch.tensor(card.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(card.std, device=device).view(1, 3, 1, 1) * 255
+    train_shard, val_iter = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([cfg.seed, rank, epoch])  # a resumed epoch sees the same augmentations
+        model.train()
+        loss_sum, seen = 0.0, 0
+        for batch in train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=1):
+            pairs = [augment(im, m, cfg.input_size, rng) for im, m in zip(batch["image"], batch["target"])]
+            x = torch.from_numpy(np.stack([p[0] for p in pairs])).to(device).permute(0, 3, 1, 2).float()
+            y = torch.from_numpy(np.stack([p[1] for p in pairs])).to(device).long()
+            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = model(x)
+            loss = criterion(logits.float(), y, cfg.loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum, seen = loss_sum + loss.item() * len(pairs), seen + len(pairs)
+        train_loss = _all_mean(loss_sum, seen)
+        model.eval()
+        scores = validate(getattr(model, "module", model), card, val_iter, cfg.batch_size, rank, world).to_json_dict()
+        metrics = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_miou": scores["miou"] if scores["miou"] is not None else -1.0,
+                   "val_pixel_accuracy": scores["pixel_accuracy"], "val_mean_dice": scores["mean_dice"], "val_iou": scores["iou"],
+                   "val_dice": scores["dice"], "lr": scheduler.get_last_lr()[0], "epoch_s": round(time.perf_counter() - t0, 3)}
+        state["epoch"] = epoch
+        state["history"] = list(state["history"]) + [{k: v for k, v in metrics.items()}]
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(model, dataclasses.replace(card, metrics={"validation": scores, "epoch": epoch}), d)
+                torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, os.path.join(d, STATE_FILE))
+                ckpt = Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:04d}")
+        _test_hook(loop.get("test_pid_dir"), epoch, rank)
+
+
+# ---- the driver ---------------------------------------------------------------------------------------
+
+
+def public_config(cfg: TrainConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["storage_options"] = storage.redact(cfg.storage_options)
+    return d
+
+
+def publish_best(checkpoint, output: str, storage_options: dict) -> str:
+    """Copy model.pt + model.json of a Ray checkpoint to OUTPUT/best/ (staged next to it, then moved in)."""
+    fs, out = storage.filesystem(output, storage_options)
+    best, staging = storage.join(out, BEST_DIR), storage.join(out, f".{BEST_DIR}.tmp")
+    with checkpoint.as_directory() as d:
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+        fs.makedirs(staging, exist_ok=True)
+        for name in (WEIGHTS_FILE, CARD_FILE):
+            fs.put_file(os.path.join(d, name), storage.join(staging, name))
+    if fs.exists(best):
+        fs.rm(best, recursive=True)
+    fs.mv(staging, best, recursive=True)
+    return storage.join(output, BEST_DIR)
+
+
+def _ray_checkpoint(url: str, storage_options: dict):
+    from ray.train import Checkpoint
+
+    pa_fs, path = storage.pyarrow_filesystem(url, storage_options)
+    return Checkpoint(path, filesystem=pa_fs)
+
+
+def _finished(cfg: TrainConfig) -> dict | None:
+    url = storage.join(cfg.output, SUMMARY_FILE)
+    fs, path = storage.filesystem(url, cfg.storage_options)
+    if not fs.exists(path):
+        return None
+    previous = storage.read_json(url, cfg.storage_options)
+    if previous.get("model") != cfg.model or previous.get("num_classes") != cfg.num_classes:
+        raise UserError(f"{cfg.output} holds a run of {previous.get('model')} with {previous.get('num_classes')} classes; "
+                        "give a new --output for a different model")
+    return previous if previous.get("epochs_completed", 0) >= cfg.epochs else None
+
+
+def train(config: TrainConfig | None = None, **kwargs) -> dict:
+    """Run `rayseg train`; returns the summary that is also written to OUTPUT/train_summary.json."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rayseg.labelled import read_labelled, split_errors
+    from rayseg.pipeline import ensure_ray
+
+    cfg = config if config is not None else config_from(TrainConfig, kwargs)
+    t0, so = time.perf_counter(), cfg.storage_options
+    previous = _finished(cfg)
+    if previous is not None:
+        best = publish_best(_ray_checkpoint(previous["best_checkpoint"], so), cfg.output, so)
+        log.info("train: the run in %s already finished %d epochs; republished its best checkpoint at %s", cfg.output, previous["epochs_completed"], best)
+        return {**previous, "already_finished": True, "best": best}
+
+    ensure_ray(cfg.address, cfg.quiet)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    train_ds, ignored = read_labelled(cfg.data, cfg.num_classes, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels)
+    val_ds, val_ignored = read_labelled(cfg.val_data, cfg.num_classes, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels)
+    train_ds, n_train, train_bad = split_errors(train_ds, "train data")
+    val_ds, n_val, val_bad = split_errors(val_ds, "validation data")
+    if n_train < cfg.workers:
+        raise UserError(f"only {n_train} usable training pair(s) for {cfg.workers} worker(s); see the skipped pairs above")
+    if n_val == 0:
+        raise UserError("no usable validation pairs; see the skipped pairs above")
+    # materialized so that, while the workers hold every CPU, no Ray Data task is left to schedule
+    train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+
+    pa_fs, path = storage.pyarrow_filesystem(cfg.output, so)
+    local = type(pa_fs).__name__ == "LocalFileSystem"
+    storage_path = os.path.abspath(path) if local else path
+    os.makedirs(storage_path, exist_ok=True) if local else None
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": public_config(cfg),  # workers read no storage: no secrets travel
+                           "train_rows": n_train, "trained_on": list(cfg.data),
+                           "test_pid_dir": os.environ.get("RAYSEG_TEST_PID_DIR")},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.use_gpu else {})}),
+        run_config=RunConfig(
+            name=RUN_NAME, storage_path=storage_path, storage_filesystem=None if local else pa_fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_miou", checkpoint_score_order="max"),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # each rank picks its validation rows by id hash
+    )
+    result = trainer.fit()
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_miou"], cm[1]["epoch"]))
+    best = publish_best(best_ckpt, cfg.output, so)
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    run_url = storage.join(cfg.output, RUN_NAME)
+    summary = {
+        "command": "train",
+        "output": cfg.output,
+        "best": best,
+        "best_checkpoint": storage.join(run_url, os.path.basename(best_ckpt.path.rstrip("/"))),
+        "best_epoch": best_metrics["epoch"],
+        "best_metrics": {k: v for k, v in best_metrics.items() if k.startswith("val_")},
+        "last_checkpoint": storage.join(run_url, os.path.basename(result.checkpoint.path.rstrip("/"))),
+        "epochs_completed": int(state["epoch"]),
+        "starts": list(state["starts"]),  # the epoch each attempt began at: [1, 3] = resumed at epoch 3
+        "history": nan_to_none(list(state["history"])),
+        "model": cfg.model,
+        "num_classes": cfg.num_classes,
+        "class_names": ModelCard(cfg.model, cfg.num_classes, tuple(cfg.class_names)).names(),
+        "train_pairs": n_train,
+        "val_pairs": n_val,
+        "bad_pairs": len(train_bad) + len(val_bad),
+        "bad_pair_examples": [{"image_id": i, "error": e} for i, e in (train_bad + val_bad)[:20]],
+        "ignored_files": ignored + val_ignored,
+        "workers": cfg.workers,
+        "config": public_config(cfg),
+        "elapsed_s": round(time.perf_counter() - t0, 3),
+        "rayseg_version": __import__("rayseg").__version__,
+        "ray_version": ray.__version__,
+    }
+    storage.write_json(storage.join(cfg.output, SUMMARY_FILE), summary, so)
+    return summary
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a segmentation model on labelled pairs with Ray Train",
+                       description=__doc__.split("\n\n")[0])
+    add_config_arguments(p, TrainConfig)
+    p.add_argument("--config", help="YAML file of options (same names as the flags); flags override it")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    summary = train(config_from_args(TrainConfig, args, args.config))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "history")}, default=str))
+    return 0
