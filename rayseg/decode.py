@@ -62,14 +62,14 @@ def to_rgb(arr: np.ndarray, bgr: bool) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the file header alone, without decoding pixels (Pillow opens lazily)."""
+def header_size(data: bytes) -> tuple[int, int, str] | None:
+    """(width, height, format) from the file header alone, without decoding pixels (Pillow opens lazily)."""
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None  # we apply our own limit; Pillow's would only warn
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return im.size
+            return im.size[0], im.size[1], im.format or "image"
     except Exception:  # noqa: BLE001 - not identifiable by Pillow: OpenCV gets the final say
         return None
 
@@ -86,15 +86,16 @@ def decode_encoded(data: bytes, max_pixels: int) -> np.ndarray:
         raise DecodeError("the file is empty (0 bytes)")
     size = header_size(data)
     if size is not None:
-        check_pixels(*size, max_pixels)
+        check_pixels(size[0], size[1], max_pixels)
     buf = np.frombuffer(data, np.uint8)
     # ANYDEPTH keeps 16-bit samples, ANYCOLOR keeps grey as grey; unlike IMREAD_UNCHANGED both honour EXIF orientation
     arr = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     if arr is None:
         arr = _decode_with_pillow(data)  # formats OpenCV lacks a codec for in this build (e.g. some palette/CMYK TIFFs)
         if arr is None:
-            kind = "truncated or corrupt image" if size is not None else "not a decodable image (unknown or corrupt format)"
-            raise DecodeError(kind)
+            if size is not None:
+                raise DecodeError(f"the {size[2]} image is truncated or corrupt: its header reads but its pixels do not decode")
+            raise DecodeError("not a decodable image (unknown or corrupt format)")
         check_pixels(arr.shape[1], arr.shape[0], max_pixels)
         return to_rgb(arr, bgr=False)
     check_pixels(arr.shape[1], arr.shape[0], max_pixels)
