@@ -1,0 +1,192 @@
+"""`rayseg nightly`: only uncommitted shards are segmented, and every shard's rows are in OUT/images exactly once,
+across reruns, new shards, changed shards, a new model, and a driver killed with SIGKILL at random moments."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import png_bytes, random_image, tar_bytes
+from rayseg import models
+from rayseg.errors import UserError
+from rayseg.nightly import IMAGES_DIR, LEDGER_DIR, NightlyConfig, nightly
+
+RAYSEG = str(Path(sys.executable).with_name("rayseg"))
+OPTS = {"model": "unet", "input_size": 32, "batch_size": 8, "quiet": True}
+
+
+def write_tar(path: Path, n: int, seed: int) -> list[str]:
+    """A tar shard of n tiny PNGs; returns the image_ids nightly must produce for it."""
+    rng = np.random.default_rng(seed)
+    path.write_bytes(tar_bytes({f"img{i}.png": png_bytes(random_image(rng, 24, 32)) for i in range(n)}))
+    return [f"file://{path}::img{i}" for i in range(n)]
+
+
+def checkpoint(path: Path, seed: int) -> str:
+    torch.manual_seed(seed)
+    models.save_checkpoint(models.UNet(2), models.ModelCard("unet", 2, input_size=32), str(path))
+    return str(path)
+
+
+def table(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / IMAGES_DIR)
+
+
+def assert_exactly_once(out: Path, expected: set[str]) -> pd.DataFrame:
+    df = table(out)
+    dupes = df.image_id[df.image_id.duplicated()].tolist()
+    assert not dupes, f"rows committed twice: {dupes[:5]}"
+    assert set(df.image_id) == expected
+    return df
+
+
+def run(inputs: Path, out: Path, **kw) -> dict:
+    return nightly(NightlyConfig(inputs=(str(inputs),), output=str(out), **{**OPTS, **kw}))
+
+
+def test_nightly_commits_each_shard_once(ray_local, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    expected = {i for s in range(3) for i in write_tar(inp / f"s{s}.tar", 4, s)}
+    (inp / "broken.tar").write_bytes(b"this is not a tar archive")
+    expected.add(f"file://{inp}/broken.tar::#unreadable")  # the error row a broken shard gets
+    ckpt_a, ckpt_b = checkpoint(tmp_path / "a", 1), checkpoint(tmp_path / "b", 2)
+
+    first = run(inp, out, checkpoint=ckpt_a)
+    assert (first["shards_new"], first["shards_skipped"], first["shards_failed"]) == (4, 0, 1)
+    assert first["failed_shards"] == [f"file://{inp}/broken.tar"]
+    assert (first["rows"], first["errors"]) == (13, 1)
+    assert_exactly_once(out, expected)
+    assert len(list((out / LEDGER_DIR).glob("*.json"))) == 4
+    assert json.loads((out / "_runs" / f"{first['run_id']}.json").read_text())["shards_new"] == 4
+
+    # Nothing new: answered from the ledger, published files untouched.
+    before = {p.name: p.stat().st_mtime_ns for p in (out / IMAGES_DIR).iterdir()}
+    second = run(inp, out, checkpoint=ckpt_a)
+    assert second["nothing_new"] and second["shards_new"] == 0 and second["shards_skipped"] == 4
+    assert second["elapsed_s"] < 10
+    assert {p.name: p.stat().st_mtime_ns for p in (out / IMAGES_DIR).iterdir()} == before
+
+    # A new shard is segmented alone.
+    expected |= set(write_tar(inp / "s3.tar", 3, 3))
+    third = run(inp, out, checkpoint=ckpt_a)
+    assert (third["shards_new"], third["shards_skipped"], third["rows"]) == (1, 4, 3)
+    assert_exactly_once(out, expected)
+
+    # A shard rewritten with fewer images: its old rows go, its new ones replace them.
+    expected -= {i for i in expected if "/s0.tar::" in i}
+    expected |= set(write_tar(inp / "s0.tar", 2, 10))
+    fourth = run(inp, out, checkpoint=ckpt_a)
+    assert (fourth["shards_new"], fourth["shards_changed"], fourth["rows"]) == (1, 1, 2)
+    assert_exactly_once(out, expected)
+
+    # A new model reprocesses every shard; the old model's rows are replaced, not kept beside the new ones.
+    fifth = run(inp, out, checkpoint=ckpt_b)
+    assert fifth["model_digest"] != first["model_digest"]
+    assert (fifth["shards_new"], fifth["shards_changed"], fifth["shards_skipped"]) == (5, 5, 0)
+    df = assert_exactly_once(out, expected)
+    assert set(df.model) == {fifth["model"]}
+    assert len(list((out / IMAGES_DIR).glob("*.parquet"))) == 5
+
+
+def test_nightly_recovers_from_a_run_killed_mid_commit(ray_local, tmp_path):
+    """The states a kill can leave: a shard published but not recorded, a staging folder, a publish temp file."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    expected = {i for s in range(2) for i in write_tar(inp / f"s{s}.tar", 3, s)}
+    run(inp, out)
+    ledger = sorted((out / LEDGER_DIR).glob("*.json"))
+    lost = json.loads(ledger[0].read_text())
+    ledger[0].unlink()  # killed after publishing this shard's file, before its record
+    (out / "_staging" / "20000101T000000Z-deadbeef" / "shard_key=abc").mkdir(parents=True)
+    (out / "_staging" / "20000101T000000Z-deadbeef" / "shard_key=abc" / "part.parquet").write_bytes(b"PAR1 half")
+    (out / IMAGES_DIR / f".{lost['files'][0]}.x.tmp").write_bytes(b"PAR1 half")
+
+    again = run(inp, out)
+    assert (again["shards_new"], again["shards_skipped"], again["leftovers_removed"]) == (1, 1, 2)
+    assert_exactly_once(out, expected)
+    assert sorted(p.name for p in (out / IMAGES_DIR).iterdir()) == sorted(
+        json.loads(p.read_text())["files"][0] for p in (out / LEDGER_DIR).glob("*.json"))
+    assert not list((out / "_staging").iterdir())
+
+
+def test_nightly_refuses_segment_only_options(tmp_path):
+    with pytest.raises(UserError, match="never clears"):
+        NightlyConfig(inputs=("x",), output=str(tmp_path), overwrite=True)
+
+
+def _kill_session(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGKILL the driver's whole session (it and the Ray processes it started), and wait until none is left."""
+    sid = proc.pid  # start_new_session: the driver leads its own session and process group
+    try:
+        os.killpg(sid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while left := session_pids(sid):
+        assert time.monotonic() < deadline, f"processes of the killed run still alive: {left}"
+        for pid in left:  # Ray daemons that left the process group but kept the session
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+
+
+def session_pids(sid: int) -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.getsid(int(name)) == sid:
+                    pids.append(int(name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+@pytest.mark.timeout(420)
+def test_nightly_driver_killed_at_random_moments(tmp_path):
+    """Issue 5, fault 5: SIGKILL the nightly driver 3 times at random moments, then run it to the end."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    expected = {i for s in range(4) for i in write_tar(inp / f"s{s}.tar", 3, s)}
+    ray_tmp = tempfile.mkdtemp(prefix="rsn", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(HOME=str(tmp_path), RAY_TMPDIR=ray_tmp)  # the embedded Ray's token and sessions stay in tmp dirs
+    cmd = [RAYSEG, "nightly", str(inp), "--output", str(out), "--model", "unet", "--input-size", "32",
+           "--batch-size", "4", "--quiet"]
+    rng = random.Random(5)
+    try:
+        for _ in range(3):
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(2.0, 30.0))
+            _kill_session(proc)
+            if (out / IMAGES_DIR).exists() and any((out / IMAGES_DIR).glob("*.parquet")):
+                df = table(out)  # what a reader sees between runs: whole files, no row twice
+                assert not df.image_id.duplicated().any()
+                assert set(df.image_id) <= expected
+        final = subprocess.run(cmd, env=env, start_new_session=True, capture_output=True, text=True, timeout=300)
+        assert final.returncode == 0, final.stderr[-3000:]
+        summary = json.loads(final.stdout.strip().splitlines()[-1])
+        assert summary["shards_new"] + summary["shards_skipped"] == 4
+        assert_exactly_once(out, expected)
+        assert len(list((out / LEDGER_DIR).glob("*.json"))) == 4
+        assert not [p.name for p in (out / IMAGES_DIR).iterdir() if p.name.startswith(".")]
+        assert not list((out / "_staging").iterdir())
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
