@@ -8,6 +8,7 @@ then OUT/_rayseg.json last: its presence means the run finished. Rows land in OU
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -16,12 +17,13 @@ import time
 
 import ray
 
-from rayseg import storage
+from rayseg import progress, storage
 from rayseg.cliutil import add_config_arguments, config_from, config_from_args
 from rayseg.config import SegmentConfig, actor_range
 from rayseg.decode import decode_batch
 from rayseg.errors import UserError
 from rayseg.models import ModelBundle, load_bundle
+from rayseg.objects import OBJECTS_DIR, write_objects
 from rayseg.predict import PredictOptions, Predictor
 from rayseg.shards import read_units
 from rayseg.stats import encode_batch
@@ -67,18 +69,26 @@ def actor_plan(cfg: SegmentConfig) -> tuple[tuple[int, int], dict, int]:
     return pool, {"num_cpus": 1}, threads
 
 
-def build_plan(cfg: SegmentConfig, shards: list[storage.Shard], bundle: ModelBundle):
-    """The whole Ray Data plan as one dataset of output rows (pyarrow tables with stats.SCHEMA)."""
+def build_plan(cfg: SegmentConfig, shards: list[storage.Shard], bundle: ModelBundle, counter=None):
+    """The whole Ray Data plan as one dataset of output rows (pyarrow tables with stats.SCHEMA).
+
+    With --objects the rows carry an extra `objects` column; `counter` (a progress.Counter) gets what the
+    read and encode stages finish.
+    """
     pool, resources, threads = actor_plan(cfg)
     opts = PredictOptions(device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size, tile=cfg.tile,
                           overlap=cfg.overlap, tta=cfg.tta, compile=cfg.compile, confidence_map=cfg.objects, threads=threads)
     units = work_units(shards)
     ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds = ds.map_batches(read_units, batch_size=1, fn_kwargs={"storage_options": cfg.storage_options, "h5_key": cfg.h5_key, "image_column": cfg.image_column})
+    read_kw = {"storage_options": cfg.storage_options, "h5_key": cfg.h5_key, "image_column": cfg.image_column}
+    ds = ds.map_batches(read_units, batch_size=1, fn_kwargs=read_kw) if counter is None else \
+        ds.map_batches(progress.read_counted, batch_size=1, fn_kwargs={**read_kw, "counter": counter})
     ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, fn_kwargs={"max_pixels": cfg.max_pixels})
     ds = ds.map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_args=(bundle, opts),
                         compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **resources)
-    ds = ds.map_batches(encode_batch, batch_size=cfg.batch_size, fn_kwargs={"num_classes": bundle.card.num_classes, "mask_format": cfg.mask_format})
+    encode_kw = {"num_classes": bundle.card.num_classes, "mask_format": cfg.mask_format, "objects": cfg.objects, "min_area": cfg.min_area}
+    ds = ds.map_batches(encode_batch, batch_size=cfg.batch_size, fn_kwargs=encode_kw) if counter is None else \
+        ds.map_batches(progress.encode_counted, batch_size=cfg.batch_size, fn_kwargs={**encode_kw, "counter": counter})
     return ds
 
 
@@ -120,13 +130,19 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
 
     images_url = storage.join(cfg.output, IMAGES_DIR)
     pa_fs, images_path = storage.pyarrow_filesystem(images_url, so)
-    build_plan(cfg, shards, bundle).write_parquet(images_path, filesystem=pa_fs)
-
-    rows, errors, examples = count_output(images_url, so)
+    reporter = progress.Reporter(len(work_units(shards))) if progress.wants_log_lines(cfg.quiet) else None
+    with reporter or contextlib.nullcontext():
+        build_plan(cfg, shards, bundle, reporter and reporter.counter).write_parquet(images_path, filesystem=pa_fs)
+        rows, errors, examples = count_output(images_url, so)
+        if reporter:
+            reporter.finish(rows)
+    if cfg.objects:  # a second streaming pass, after the images are written: OUT/images -> OUT/objects/
+        write_objects(images_path, storage.pyarrow_filesystem(storage.join(cfg.output, OBJECTS_DIR), so)[1], pa_fs)
     summary = {
         "command": "segment",
         "output": cfg.output,
         "images_table": images_url,
+        "objects_table": storage.join(cfg.output, OBJECTS_DIR) if cfg.objects else None,
         "shards": len(shards),
         "images": rows,
         "rows": rows,

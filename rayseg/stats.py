@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 from pycocotools import mask as coco_mask
 
+from rayseg.decode import errors_of
+
 RLE_TYPE = pa.list_(pa.struct([("class", pa.int32()), ("size", pa.list_(pa.int32())), ("counts", pa.string())]))
 
 SCHEMA = pa.schema([
@@ -70,15 +72,18 @@ def components(mask: np.ndarray, num_classes: int, counts: np.ndarray) -> np.nda
     return out
 
 
-def encode_batch(batch: dict[str, np.ndarray], num_classes: int, mask_format: str = "png") -> pa.Table:
-    """Ray Data stage: the last one before the writer. Error rows keep their error and get null mask columns."""
+def encode_batch(batch: dict[str, np.ndarray], num_classes: int, mask_format: str = "png", objects: bool = False, min_area: int = 0) -> pa.Table:
+    """Ray Data stage: the last one before the writer. Error rows keep their error and get null mask columns.
+
+    With `objects`, each row also carries its connected components (rayseg.objects), for OUT/objects/.
+    """
     n = len(batch["image_id"])
     cols: dict[str, list] = {name: [None] * n for name in SCHEMA.names}
     for name in ("image_id", "source", "shard", "model"):
         cols[name] = [str(v) for v in batch[name]]
-    cols["error"] = list(batch["error"])
+    cols["error"] = errors = errors_of(batch)
     for i in range(n):
-        if batch["error"][i] is not None:
+        if errors[i] is not None:
             continue
         mask = batch["mask"][i]
         counts = class_pixels(mask, num_classes)
@@ -90,4 +95,11 @@ def encode_batch(batch: dict[str, np.ndarray], num_classes: int, mask_format: st
         cols["class_pixels"][i] = counts.tolist()
         cols["num_components"][i] = components(mask, num_classes, counts).tolist()
         cols["mean_confidence"][i] = float(batch["mean_confidence"][i])
-    return pa.table(cols, schema=SCHEMA)
+    table = pa.table(cols, schema=SCHEMA)
+    if objects:
+        from rayseg.objects import OBJECTS_TYPE, extract
+
+        conf = batch.get("confidence")
+        objs = [None if errors[i] is not None else extract(batch["mask"][i], None if conf is None else conf[i], num_classes, min_area) for i in range(n)]
+        table = table.append_column("objects", pa.array(objs, OBJECTS_TYPE))
+    return table

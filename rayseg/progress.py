@@ -1,0 +1,139 @@
+"""Progress of a segment run when nobody watches a terminal: one log line at a steady interval.
+
+In a terminal, Ray Data's own progress bars do the job (the pipeline turns them on when stderr is a TTY).
+In a submitted job there is no TTY and bars would flood the log, so instead a tiny named actor counts what
+the read and encode stages have finished, and a driver thread logs a line every RAYSEG_PROGRESS_INTERVAL
+seconds (default 10):
+
+    progress: 1,200 images done (3 errors), 41.5 images/s, shards 12/40 read, ETA 3m05s
+
+The number of images is not known upfront (tar, HDF5 and Parquet shards are only counted by reading them),
+so the total is estimated from the images read per shard so far; until a shard has been read: "ETA unknown".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import ray
+
+from rayseg.shards import read_units
+from rayseg.stats import encode_batch
+
+log = logging.getLogger("rayseg")
+
+DEFAULT_INTERVAL_S = 10.0
+
+
+def interval_s() -> float:
+    try:
+        return max(0.1, float(os.environ.get("RAYSEG_PROGRESS_INTERVAL", DEFAULT_INTERVAL_S)))
+    except ValueError:
+        return DEFAULT_INTERVAL_S
+
+
+@ray.remote(num_cpus=0)
+class Counter:
+    """Totals the stages report. Takes no CPU, so it never holds back the pipeline on a small cluster."""
+
+    def __init__(self):
+        self.units = self.read = self.done = self.errors = 0
+
+    def add_read(self, units: int, images: int) -> None:
+        self.units += units
+        self.read += images
+
+    def add_done(self, images: int, errors: int) -> None:
+        self.done += images
+        self.errors += errors
+
+    def totals(self) -> dict:
+        return {"units": self.units, "read": self.read, "done": self.done, "errors": self.errors}
+
+
+def read_counted(batch: dict[str, np.ndarray], counter, **kwargs) -> Iterator[dict]:
+    """shards.read_units, reporting to the counter once its work units are fully read."""
+    n = 0
+    for out in read_units(batch, **kwargs):
+        n += len(out["image_id"])
+        yield out
+    counter.add_read.remote(len(batch["urls"]), n)  # fire and forget: progress must never slow the stage
+
+
+def encode_counted(batch: dict[str, np.ndarray], counter, **kwargs):
+    """stats.encode_batch, reporting images and errors done."""
+    table = encode_batch(batch, **kwargs)
+    counter.add_done.remote(table.num_rows, table.num_rows - table["error"].null_count)
+    return table
+
+
+def format_duration(s: float) -> str:
+    s = int(round(s))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def line(t: dict, units_total: int, elapsed: float) -> str:
+    rate = t["done"] / elapsed if elapsed > 0 else 0.0
+    eta = "ETA unknown"
+    if t["units"] and rate > 0:
+        expected = t["read"] if t["units"] >= units_total else t["read"] / t["units"] * units_total
+        eta = f"ETA {format_duration(max(0.0, expected - t['done']) / rate)}"
+    return (f"progress: {t['done']:,} images done ({t['errors']:,} errors), {rate:.1f} images/s, "
+            f"shards {t['units']:,}/{units_total:,} read, {eta}")
+
+
+class Reporter:
+    """Context manager for one run: creates the counter, logs from a daemon thread, logs a final line on exit."""
+
+    def __init__(self, units_total: int, interval: float | None = None):
+        self.units_total = units_total
+        self.interval = interval if interval is not None else interval_s()
+        self.counter = Counter.options(name=f"rayseg-progress-{uuid.uuid4().hex[:12]}").remote()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rayseg-progress", daemon=True)
+        self.t0 = time.perf_counter()
+
+    def totals(self) -> dict:
+        return ray.get(self.counter.totals.remote(), timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                log.info(line(self.totals(), self.units_total, time.perf_counter() - self.t0))
+            except Exception as e:  # noqa: BLE001 - a missed progress line must never fail the run
+                log.debug("progress poll failed: %s", e)
+
+    def __enter__(self) -> "Reporter":
+        self._thread.start()
+        return self
+
+    def finish(self, rows: int) -> None:
+        """Final line once the output is written; waits briefly for the last fire-and-forget counts to land."""
+        deadline = time.perf_counter() + 5
+        t = self.totals()
+        while t["done"] < rows and time.perf_counter() < deadline:
+            time.sleep(0.05)
+            t = self.totals()
+        elapsed = time.perf_counter() - self.t0
+        log.info("progress: finished, %s images (%s errors) in %s, %.1f images/s", f"{t['done']:,}", f"{t['errors']:,}",
+                 format_duration(elapsed), t["done"] / elapsed if elapsed > 0 else 0.0)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        ray.kill(self.counter)
+
+
+def wants_log_lines(quiet: bool) -> bool:
+    """Log lines only where bars can't be seen: not --quiet, and stderr is not a terminal."""
+    import sys
+
+    return not quiet and not sys.stderr.isatty()

@@ -1,0 +1,124 @@
+"""The per-object table (--objects): checked against the masks it came from, and queried with DuckDB."""
+
+from __future__ import annotations
+
+import cv2
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+from pycocotools import mask as coco_mask
+
+from conftest import png_bytes, tar_bytes
+from rayseg import segment
+from rayseg.objects import extract
+from rayseg.stats import class_pixels, components, decode_png
+
+K = 3
+
+
+def blobs(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A smooth random picture: a model sees regions in it, so masks hold objects of several sizes."""
+    img = np.zeros((h, w, 3), np.uint8)
+    for _ in range(12):
+        cv2.circle(img, (int(rng.integers(0, w)), int(rng.integers(0, h))), int(rng.integers(2, 20)),
+                   tuple(int(v) for v in rng.integers(0, 256, 3)), -1)
+    salt = rng.random((h, w)) < 0.03  # isolated odd pixels: specks in the mask, for --min-area to drop
+    img[salt] = rng.integers(0, 256, (int(salt.sum()), 3), dtype=np.uint8)
+    return img
+
+
+def make_checkpoint(path) -> str:
+    """A random UNet saved as a rayseg checkpoint, head bias zeroed: a random bias alone decides the class of
+    most pixels, so without it the masks follow the picture and hold components of both classes and many sizes."""
+    import torch
+
+    from rayseg.models import ModelCard, UNet, save_checkpoint
+
+    torch.manual_seed(0)
+    model = UNet(K)
+    with torch.no_grad():
+        model.head.bias.zero_()
+    save_checkpoint(model, ModelCard("unet", K, ("background", "thing", "stuff"), input_size=32), str(path))
+    return str(path)
+
+
+def labelled_mask(rng: np.random.Generator, h: int = 60, w: int = 70) -> np.ndarray:
+    mask = np.zeros((h, w), np.uint8)
+    for _ in range(25):
+        cv2.circle(mask, (int(rng.integers(0, w)), int(rng.integers(0, h))), int(rng.integers(0, 6)), int(rng.integers(1, K)), -1)
+    mask[rng.random((h, w)) < 0.01] = 2  # single-pixel specks
+    return mask
+
+
+def test_extract_accounts_for_every_pixel_and_component():
+    rng = np.random.default_rng(1)
+    mask = labelled_mask(rng)
+    conf = rng.integers(0, 256, mask.shape, dtype=np.uint8)
+    objs = extract(mask, conf, K, min_area=0)
+    counts = class_pixels(mask, K)
+    for c in range(1, K):
+        mine = [o for o in objs if o["class"] == c]
+        assert sum(o["area"] for o in mine) == counts[c]
+        assert len(mine) == components(mask, K, counts)[c]
+    n, labels = cv2.connectedComponents((mask == 2).astype(np.uint8), connectivity=8)
+    for o in (o for o in objs if o["class"] == 2):
+        m = coco_mask.decode({"size": o["rle"]["size"], "counts": o["rle"]["counts"].encode()}).astype(bool)
+        # the RLE is exactly one 8-connected component of its class, the one the row describes
+        ks = np.unique(labels[m])
+        assert len(ks) == 1 and ks[0] > 0 and (labels == ks[0]).sum() == o["area"] == m.sum()
+        # and the same string pycocotools gives for the full-size binary mask
+        assert o["rle"]["counts"] == coco_mask.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode()
+        ys, xs = np.nonzero(m)
+        assert o["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        assert o["centroid"] == pytest.approx([xs.mean(), ys.mean()])
+        assert o["mean_confidence"] == pytest.approx(conf[m].mean() / 255, rel=1e-6)
+    big = extract(mask, conf, K, min_area=5)
+    assert big == [o for o in objs if o["area"] >= 5] and len(big) < len(objs)
+
+
+def test_segment_objects_table(ray_local, tmp_path):
+    rng = np.random.default_rng(3)
+    members = {f"s{i}.png": png_bytes(blobs(rng, h, w)) for i, (h, w) in enumerate([(48, 64), (64, 64), (40, 72), (56, 56)])}
+    members["s9.png"] = b"not a png at all"
+    (tmp_path / "shard.tar").write_bytes(tar_bytes(members))
+    out = tmp_path / "out"
+    min_area = 5
+    summary = segment(inputs=(str(tmp_path / "shard.tar"),), output=str(out), checkpoint=make_checkpoint(tmp_path / "ckpt"),
+                      batch_size=4, objects=True, min_area=min_area, quiet=True)
+    assert summary["images"] == 5 and summary["errors"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["_rayseg.json", "images", "objects"]
+
+    images = pd.read_parquet(out / "images")
+    objects = pd.read_parquet(out / "objects")
+    assert len(images) == 5 and len(objects) > 0
+    assert set(objects["image_id"]) <= set(images.loc[images["error"].isna(), "image_id"])
+    assert (objects["class"] > 0).all() and (objects["area"] >= min_area).all()
+    assert objects["mean_confidence"].between(0, 1).all()
+    removed_any = False
+    for row in images[images["error"].isna()].itertuples():
+        mask = decode_png(row.mask_png)
+        mine = objects[objects["image_id"] == row.image_id]
+        for c in range(1, K):
+            n, _, stats, _ = cv2.connectedComponentsWithStats((mask == c).astype(np.uint8), connectivity=8)
+            areas = stats[1:, cv2.CC_STAT_AREA]
+            specks = areas[areas < min_area]
+            removed_any |= len(specks) > 0
+            kept = mine[mine["class"] == c]
+            assert n - 1 == row.num_components[c]
+            assert len(kept) == row.num_components[c] - len(specks)
+            assert kept["area"].sum() == row.class_pixels[c] - specks.sum()
+            for o in kept.itertuples():
+                m = coco_mask.decode({"size": list(o.rle["size"]), "counts": o.rle["counts"].encode()}).astype(bool)
+                assert m.shape == mask.shape and m.sum() == o.area and (mask[m] == c).all()
+
+    # what a user would ask of it, in SQL, against what the masks say
+    big = 40
+    got = duckdb.sql(f"SELECT DISTINCT image_id FROM read_parquet('{out}/objects/*.parquet') WHERE class = 2 AND area > {big}").fetchall()
+    want = set()
+    for row in images[images["error"].isna()].itertuples():
+        _, _, stats, _ = cv2.connectedComponentsWithStats((decode_png(row.mask_png) == 2).astype(np.uint8), connectivity=8)
+        if (stats[1:, cv2.CC_STAT_AREA] > big).any():
+            want.add(row.image_id)
+    assert {r[0] for r in got} == want
+    assert removed_any or min_area <= 1, "the archive should hold some specks, or --min-area goes untested"
