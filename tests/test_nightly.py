@@ -174,7 +174,7 @@ def test_nightly_driver_killed_at_random_moments(tmp_path):
     try:
         for _ in range(3):
             proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(2.0, 30.0))
+            time.sleep(rng.uniform(2.0, 25.0))
             _kill_session(proc)
             if (out / IMAGES_DIR).exists() and any((out / IMAGES_DIR).glob("*.parquet")):
                 df = table(out)  # what a reader sees between runs: whole files, no row twice

@@ -1,0 +1,261 @@
+"""jobs/: the `ray job submit` entrypoints, run for real on a two-node local Ray cluster with token auth.
+
+The cluster is started with `ray start` (head + one joined node, one CPU each) under its own temp dir and HOME,
+and stopped by killing exactly the processes it started: never `ray stop`, which would stop every Ray here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import png_bytes, random_image, tar_bytes
+from rayseg.cliutil import config_from_args
+from rayseg.config import SegmentConfig
+from rayseg.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+JOB_TIMEOUT = 240
+
+
+def load_entry():
+    spec = importlib.util.spec_from_file_location("jobs_entry", REPO / "jobs" / "_entry.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_job_config_file_and_flags_merge():
+    """--config gives every option; a flag given beside it wins (the same parser as `rayseg segment`)."""
+    entry = load_entry()
+    args = entry.parse("segment", ["--config", str(REPO / "jobs/configs/segment.yaml"), "--batch-size", "4", "--output", "o"])
+    cfg = config_from_args(SegmentConfig, args, args.config)
+    from_file = yaml.safe_load((REPO / "jobs/configs/segment.yaml").read_text())
+    assert cfg.batch_size == 4 and from_file["batch_size"] != 4
+    assert cfg.inputs == tuple(from_file["inputs"]) and cfg.checkpoint == from_file["checkpoint"]
+    args = entry.parse("segment", ["--config", str(REPO / "jobs/configs/segment.yaml"), "in/*.tar", "--output", "o"])
+    assert config_from_args(SegmentConfig, args, args.config).inputs == ("in/*.tar",)
+    args = entry.parse("nightly", ["--config", str(REPO / "jobs/configs/nightly.yaml"), "--output", "o", "--mask-format", "png"])
+    from rayseg.nightly import NightlyConfig
+
+    cfg = config_from_args(NightlyConfig, args, args.config)
+    assert (cfg.mask_format, cfg.output) == ("png", "o")
+    with pytest.raises(UserError, match="unknown option"):
+        args = entry.parse("segment", ["--config", str(REPO / "jobs/configs/train.yaml"), "--output", "o"])
+        config_from_args(SegmentConfig, args, args.config)
+
+
+# ---- a real cluster ------------------------------------------------------------------------------------
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def node_ports() -> list[str]:
+    names = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
+    return [f"{n}={p}" for n, p in zip(names, free_ports(len(names)))]
+
+
+def started_pids(tmp: str, sids: set[int]) -> list[int]:
+    """Processes of this cluster: in a session of one of its `ray start`s, or naming its temp dir."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+            if os.getsid(int(name)) in sids or tmp.encode() in cmdline:
+                pids.append(int(name))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            pass
+    return pids
+
+
+class Cluster:
+    def __init__(self, tmp: str):
+        self.tmp, self.sids = tmp, set()
+        self.token = secrets.token_hex(32)
+        self.gcs_port, self.dash_port, self.client_port = free_ports(3)
+        home = Path(tmp, "home")
+        home.mkdir()
+        # The cluster's own HOME and token: nothing is read from or written to the user's ~/.ray.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        self.env.update(HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
+                        PATH=f"{BIN}:{os.environ['PATH']}", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", PYTHONUNBUFFERED="1")
+
+    def ray_start(self, node: str, *args: str) -> None:
+        # Each node its own temp dir, as on separate machines: nodes sharing one would also share (and replace
+        # under each other) the unpacked working dirs of jobs.
+        proc = subprocess.Popen([str(BIN / "ray"), "start", "--disable-usage-stats", f"--temp-dir={self.tmp}/{node}", *node_ports(), *args],
+                                env=self.env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.sids.add(proc.pid)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out[-3000:]
+
+    def start(self) -> None:
+        self.ray_start("head", "--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                       f"--dashboard-port={self.dash_port}", f"--ray-client-server-port={self.client_port}",
+                       "--include-dashboard=true", "--num-cpus=1")
+        self.ray_start("worker", f"--address=127.0.0.1:{self.gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1")
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in started_pids(self.tmp, self.sids):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + (5 if sig == signal.SIGTERM else 15)
+            while started_pids(self.tmp, self.sids) and time.monotonic() < deadline:
+                time.sleep(0.5)
+
+    def alive_nodes(self) -> int:
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.url}/api/v0/nodes?limit=10", headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            nodes = json.load(r)["data"]["result"]["result"]
+        return sum(n["state"] == "ALIVE" for n in nodes)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.dash_port}"
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        headers = {"Authorization": f"Bearer {self.token}"}
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client = JobSubmissionClient(self.url, headers=headers)
+                client.list_jobs()
+                return client
+            except Exception:  # noqa: BLE001 - the dashboard takes a few seconds to come up
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    tmp = tempfile.mkdtemp(prefix="rsj", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    c = Cluster(tmp)
+    try:
+        c.start()
+        c.jobs = c.client()
+        yield c
+    finally:
+        c.stop()
+        left = started_pids(tmp, c.sids)
+        shutil.rmtree(tmp, ignore_errors=True)
+        assert not left, f"cluster processes still alive: {left}"
+
+
+def runtime_env() -> dict:
+    """What `ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml` sends."""
+    env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    return {**env, "working_dir": str(REPO)}
+
+
+def submit(cluster, entrypoint: str) -> str:
+    return cluster.jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env())
+
+
+def wait(cluster, job_id: str) -> tuple[str, str]:
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while (status := cluster.jobs.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if time.monotonic() > deadline:
+            cluster.jobs.stop_job(job_id)
+            pytest.fail(f"job {job_id} still {status} after {JOB_TIMEOUT}s:\n{cluster.jobs.get_job_logs(job_id)[-3000:]}")
+        time.sleep(1)
+    return str(status.value), cluster.jobs.get_job_logs(job_id)
+
+
+def summary_of(logs: str) -> dict:
+    return json.loads(logs.strip().splitlines()[-1])
+
+
+def write_tar(path: Path, n: int, seed: int) -> set[str]:
+    rng = np.random.default_rng(seed)
+    path.write_bytes(tar_bytes({f"k{i}.png": png_bytes(random_image(rng, 24, 32)) for i in range(n)}))
+    return {f"file://{path}::k{i}" for i in range(n)}
+
+
+def rows_once(images: Path, expected: set[str]) -> None:
+    df = pd.read_parquet(images)
+    assert not df.image_id.duplicated().any()
+    assert set(df.image_id) == expected
+
+
+OPTS = "--model unet --input-size 32 --batch-size 4 --quiet"
+
+
+@pytest.mark.timeout(600)
+def test_jobs_on_a_two_node_cluster(cluster, tmp_path):
+    assert cluster.alive_nodes() == 2
+    inp = tmp_path / "in"
+    inp.mkdir()
+    expected = write_tar(inp / "a.tar", 3, 0) | write_tar(inp / "b.tar", 3, 1)
+    (inp / "c.png").write_bytes(png_bytes(random_image(np.random.default_rng(2), 20, 20)))
+    expected.add(f"file://{inp}/c.png")
+    config = tmp_path / "segment.yaml"
+    config.write_text(yaml.safe_dump({"inputs": [str(inp)], "model": "unet", "input_size": 32, "batch_size": 16, "quiet": True}))
+
+    # A bad argument fails the job at once: exit 2, one line saying why, no traceback.
+    bad = submit(cluster, f"python jobs/nightly.py {inp} --output {tmp_path}/bad --batch-size 0")
+    # The upload is the working dir minus .rayignore: no virtualenv, no tests.
+    seg = submit(cluster, f"test ! -e .venv && test ! -e tests && python jobs/segment.py --config {config} --output {tmp_path}/seg --batch-size 4")
+
+    status, logs = wait(cluster, bad)
+    assert status == "FAILED"
+    assert "rayseg nightly: error: --batch-size must be at least 1" in logs and "Traceback" not in logs
+    assert "exit code 2" in cluster.jobs.get_job_info(bad).message
+
+    status, logs = wait(cluster, seg)
+    assert status == "SUCCEEDED", logs[-3000:]
+    summary = summary_of(logs)
+    assert (summary["command"], summary["rows"], summary["errors"]) == ("segment", 7, 0)
+    rows_once(tmp_path / "seg" / "images", expected)
+
+    nightly = f"python jobs/nightly.py {inp} --output {tmp_path}/nightly {OPTS}"
+    status, logs = wait(cluster, submit(cluster, nightly))
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert (summary_of(logs)["shards_new"], summary_of(logs)["rows"]) == (3, 7)
+    rows_once(tmp_path / "nightly" / "images", expected)
+
+    status, logs = wait(cluster, submit(cluster, nightly))
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert summary_of(logs)["nothing_new"] and summary_of(logs)["shards_skipped"] == 3
+
+    expected |= write_tar(inp / "d.tar", 2, 3)
+    status, logs = wait(cluster, submit(cluster, nightly))
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert (summary_of(logs)["shards_new"], summary_of(logs)["shards_skipped"], summary_of(logs)["rows"]) == (1, 3, 2)
+    rows_once(tmp_path / "nightly" / "images", expected)
