@@ -59,7 +59,7 @@ class TrainConfig:
     use_gpu: bool = _f(False, "one GPU per worker (NCCL, bf16 autocast)")
     seed: int = _f(0, "seed of the model initialisation and the augmentations")
     max_failures: int = _f(3, "worker failures to recover from (from the last checkpoint)")
-    keep_checkpoints: int = _f(2, "checkpoints kept: the best by val mIoU, and always the latest")
+    keep_checkpoints: int = _f(2, "checkpoints kept: this many best by val mIoU, plus the latest")
     h5_key: str = _f("images", "HDF5 dataset holding the images")
     mask_key: str = _f("masks", "HDF5 dataset holding the masks")
     storage_options: dict = _f({}, "fsspec storage options as JSON, e.g. '{\"endpoint_url\": ...}'")

@@ -1,0 +1,166 @@
+"""rayseg train: DDP on 2 CPU workers, a worker killed mid-run, resume, best/ into segment and evaluate, learning.
+
+One Ray Train run (the `blobs_run` fixture) serves most tests: starting a trainer costs tens of seconds here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import cv2
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import png_bytes
+from rayseg.evaluate import evaluate
+from rayseg.models import load_bundle
+from rayseg.synth import write_archive
+from rayseg.train import IGNORE, augment, criterion, train
+
+EPOCHS = 14
+
+
+def kill_after_first_checkpoint(pid_dir, run_dir, killed: dict) -> None:
+    """Wait until rank 0 has reported epoch 1 and Ray Train has recorded its checkpoint, then SIGKILL rank 0."""
+    pid_file, snapshot = pid_dir / "epoch1.pid", run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if pid_file.exists() and snapshot.exists() and "epoch-0001" in snapshot.read_text():
+            killed["pid"] = int(pid_file.read_text())
+            os.kill(killed["pid"], signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    (pid_dir / "hold-1").unlink(missing_ok=True)  # the restarted worker must not wait
+
+
+@pytest.fixture(scope="module")
+def blobs_run(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("blobs")
+    common = dict(labelled=True, generator="blobs", num_classes=2, min_size=48, max_size=48)
+    write_archive(str(root / "train"), "h5", 64, seed=1, shards=2, **common)
+    write_archive(str(root / "val"), "h5", 16, seed=2, **common)
+    write_archive(str(root / "test"), "h5", 16, seed=3, **common)
+    bad = root / "bad"  # one unusable pair next to the good shards: skipped and counted, the run goes on
+    (bad / "images").mkdir(parents=True)
+    (bad / "masks").mkdir()
+    (bad / "images" / "x.png").write_bytes(png_bytes(np.zeros((48, 48, 3), np.uint8)))
+    (bad / "masks" / "x.png").write_bytes(png_bytes(np.full((48, 48), 5, np.uint8)))
+
+    pid_dir = root / "pids"
+    pid_dir.mkdir()
+    (pid_dir / "hold-1").touch()  # rank 0 waits after epoch 1 until it is killed
+    out = root / "run"
+    killed: dict = {}
+    watcher = threading.Thread(target=kill_after_first_checkpoint, args=(pid_dir, out / "run", killed), daemon=True)
+    watcher.start()
+    os.environ["RAYSEG_TEST_PID_DIR"] = str(pid_dir)
+    try:
+        summary = train(data=(str(root / "train"), str(bad)), val_data=(str(root / "val"),), output=str(out), model="unet",
+                        num_classes=2, input_size=48, epochs=EPOCHS, batch_size=4, lr=3e-3, workers=2, seed=0,
+                        class_names=("background", "blob"), quiet=True)
+    finally:
+        del os.environ["RAYSEG_TEST_PID_DIR"]
+        watcher.join(timeout=5)
+    return {"root": root, "out": out, "summary": summary, "killed": killed}
+
+
+def test_ddp_run_writes_checkpoints_best_and_metrics(blobs_run):
+    s, out = blobs_run["summary"], blobs_run["out"]
+    assert s["workers"] == 2 and s["epochs_completed"] == EPOCHS
+    assert s["train_pairs"] == 64 and s["val_pairs"] == 16
+    assert s["bad_pairs"] == 1 and "outside 0..1" in s["bad_pair_examples"][0]["error"]
+    assert [h["epoch"] for h in s["history"]] == list(range(1, EPOCHS + 1))
+    assert all(0 <= h["val_miou"] <= 1 and h["train_loss"] > 0 for h in s["history"])
+    assert sorted(os.listdir(out / "best")) == ["model.json", "model.pt"]
+    card = json.loads((out / "best" / "model.json").read_text())
+    assert card["architecture"] == "unet" and card["num_classes"] == 2 and card["class_names"] == ["background", "blob"]
+    assert card["input_size"] == 48 and card["metrics"]["epoch"] == s["best_epoch"]
+    assert card["metrics"]["validation"]["miou"] == pytest.approx(s["best_metrics"]["val_miou"])
+    assert s["best_metrics"]["val_miou"] == max(h["val_miou"] for h in s["history"])
+    checkpoints = sorted(p for p in os.listdir(out / "run") if p.startswith("epoch-"))
+    # --keep-checkpoints 2 (the default): the two best by val mIoU, and the latest whatever its score
+    assert 1 <= len(checkpoints) <= 3 and f"epoch-{EPOCHS:04d}" in checkpoints
+    assert f"epoch-{s['best_epoch']:04d}" in checkpoints
+    assert json.loads((out / "train_summary.json").read_text())["best_epoch"] == s["best_epoch"]
+
+
+def test_killed_worker_resumes_from_last_checkpoint(blobs_run):
+    s = blobs_run["summary"]
+    assert blobs_run["killed"].get("pid"), "the watcher never saw epoch 1's checkpoint"
+    assert s["starts"] == [1, 2], "after the kill the run must go on at epoch 2, not start again at 1"
+    assert (blobs_run["out"] / "best" / "model.pt").exists()
+
+
+def test_rerun_of_finished_run_says_so_and_republishes_best(blobs_run, caplog):
+    out = blobs_run["out"]
+    (out / "best" / "model.pt").unlink()
+    s = train(data=(str(blobs_run["root"] / "train"),), val_data=(str(blobs_run["root"] / "val"),), output=str(out),
+              model="unet", num_classes=2, input_size=48, epochs=EPOCHS, quiet=True)
+    assert s["already_finished"] is True and s["epochs_completed"] == EPOCHS
+    assert load_bundle(str(out / "best")).card.num_classes == 2
+
+
+def test_best_checkpoint_segments_held_out_blobs_with_dice_over_09(blobs_run, tmp_path):
+    from rayseg.pipeline import segment
+
+    root, best = blobs_run["root"], str(blobs_run["out"] / "best")
+    summary = segment(inputs=(str(root / "test"),), output=str(tmp_path / "seg"), checkpoint=best, quiet=True)
+    digest = load_bundle(best).digest
+    table = pq.read_table(tmp_path / "seg" / "images").to_pylist()
+    with h5py.File(root / "test" / "shard-00000.h5") as f:
+        truth = f["masks"][:]
+    assert summary["errors"] == 0 and len(table) == 16
+    inter = total = 0
+    for row in table:
+        assert row["model"] == f"unet@{digest[:16]}"
+        mask = cv2.imdecode(np.frombuffer(row["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED)
+        assert mask.max() < 2
+        t = truth[int(row["image_id"].rsplit("::", 1)[1])]
+        inter += int(((mask == 1) & (t == 1)).sum())
+        total += int((mask == 1).sum() + (t == 1).sum())
+    assert 2 * inter / total >= 0.9
+
+    result = evaluate(checkpoint=best, data=(str(root / "test"),), quiet=True)
+    assert result["pairs"] == 16 and result["dice"][1] == pytest.approx(2 * inter / total)
+
+
+def test_augment_keeps_image_and_mask_aligned():
+    rng = np.random.default_rng(0)
+    image = np.zeros((40, 30, 3), np.uint8)
+    mask = np.zeros((40, 30), np.uint8)
+    image[10:20, 5:15] = 255
+    mask[10:20, 5:15] = 1
+    for _ in range(20):
+        img, msk = augment(image, mask, 32, rng)
+        assert img.shape == (32, 32, 3) and msk.shape == (32, 32)
+        assert set(np.unique(msk)) <= {0, 1, IGNORE}
+        # bright pixels are the mask's 1s, bar a pixel-wide seam where linear and nearest resizing differ
+        agree = ((img[..., 0] > 127) == (msk == 1))[msk != IGNORE]
+        assert agree.mean() > 0.97 and (msk == 1).sum() > 0
+
+
+@pytest.mark.parametrize("loss", ["ce_dice", "bce_dice"])
+def test_loss_is_low_for_right_answer_and_ignores_padding(loss):
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[0, 2:5, 2:5] = 1
+    right = torch.stack([(target == 0).float(), (target == 1).float()], 1) * 20 - 10
+    assert criterion(right, target, loss) < 0.05 < criterion(-right, target, loss)
+    padded = target.clone()
+    padded[0, 6:] = IGNORE
+    wrong_in_padding = right.clone()
+    wrong_in_padding[:, :, 6:] *= -1
+    assert criterion(wrong_in_padding, padded, loss) == pytest.approx(criterion(right, padded, loss).item(), abs=1e-6)
+
+
+def test_train_cli_rejects_bce_with_three_classes(tmp_path, capsys):
+    from rayseg.cli import main
+
+    assert main(["train", "--data", "x", "--val-data", "y", "--output", str(tmp_path), "--num-classes", "3", "--loss", "bce_dice"]) == 2
+    assert "bce_dice" in capsys.readouterr().err
