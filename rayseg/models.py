@@ -72,13 +72,19 @@ class OutOnly(nn.Module):
         return self.model(x)["out"]
 
 
+def pointwise(num_classes: int, in_channels: int = 3, hidden: int = 16) -> nn.Module:
+    """A per-pixel classifier (1x1 convolutions only): a colour-to-class baseline that trains in seconds. Its output at
+    a pixel depends on that pixel alone, so tiled and whole-image inference of it must agree (tests rely on that)."""
+    return nn.Sequential(nn.Conv2d(in_channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, num_classes, 1))
+
+
 def build_model(architecture: str, num_classes: int, weights: str | None = None) -> nn.Module:
-    if architecture == "unet":
+    if architecture in ("unet", "pointwise"):
         if weights:
-            raise UserError("the unet has no pretrained weights; leave out --weights or pass --checkpoint")
-        return UNet(num_classes)
+            raise UserError(f"the {architecture} model has no pretrained weights; leave out --weights or pass --checkpoint")
+        return UNet(num_classes) if architecture == "unet" else pointwise(num_classes)
     if architecture not in TORCHVISION:
-        raise UserError(f"unknown model {architecture!r}; choose one of unet, {', '.join(TORCHVISION)}")
+        raise UserError(f"unknown model {architecture!r}; choose one of unet, pointwise, {', '.join(TORCHVISION)}")
     import torchvision.models.segmentation as seg
 
     builder = getattr(seg, architecture)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import cv2
 import duckdb
 import numpy as np
@@ -77,16 +79,19 @@ def test_extract_accounts_for_every_pixel_and_component():
     assert big == [o for o in objs if o["area"] >= 5] and len(big) < len(objs)
 
 
-def test_segment_objects_table(ray_local, tmp_path):
+def test_segment_objects_table(ray_local, tmp_path, caplog, monkeypatch):
     rng = np.random.default_rng(3)
     members = {f"s{i}.png": png_bytes(blobs(rng, h, w)) for i, (h, w) in enumerate([(48, 64), (64, 64), (40, 72), (56, 56)])}
     members["s9.png"] = b"not a png at all"
     (tmp_path / "shard.tar").write_bytes(tar_bytes(members))
     out = tmp_path / "out"
     min_area = 5
+    monkeypatch.setenv("RAYSEG_PROGRESS_INTERVAL", "0.2")
+    caplog.set_level(logging.INFO, logger="rayseg")
     summary = segment(inputs=(str(tmp_path / "shard.tar"),), output=str(out), checkpoint=make_checkpoint(tmp_path / "ckpt"),
                       batch_size=4, objects=True, min_area=min_area, quiet=True)
     assert summary["images"] == 5 and summary["errors"] == 1
+    assert not [r for r in caplog.records if "progress" in r.getMessage()], "--quiet logs no progress"
     assert sorted(p.name for p in out.iterdir()) == ["_rayseg.json", "images", "objects"]
 
     images = pd.read_parquet(out / "images")
