@@ -77,6 +77,7 @@ def published_name(url: str, digest: str) -> str:
 def read_ledger(output: str, storage_options: dict) -> dict[str, dict]:
     """shard URL -> its ledger record."""
     fs, path = storage.filesystem(storage.join(output, LEDGER_DIR), storage_options)
+    fs.invalidate_cache(path)  # object-store filesystems cache listings per process; another run may have written since
     try:
         names = [p for p in fs.ls(path, detail=False) if p.endswith(".json") and not posixpath.basename(p).startswith(".")]
     except FileNotFoundError:
@@ -97,6 +98,7 @@ def clean_leftovers(output: str, storage_options: dict, keep_run: str | None = N
     fs, root = storage.filesystem(output, storage_options)
     removed = 0
     for sub, stale in ((STAGING_DIR, lambda n: n != keep_run), (IMAGES_DIR, lambda n: n.startswith(".") and n.endswith(".tmp"))):
+        fs.invalidate_cache(posixpath.join(root, sub))
         try:
             entries = fs.ls(posixpath.join(root, sub), detail=False)
         except FileNotFoundError:
@@ -184,7 +186,11 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
 
         fs, images = storage.filesystem(storage.join(cfg.output, IMAGES_DIR), so)
         fs.makedirs(images, exist_ok=True)
-        existing = [posixpath.basename(p) for p in fs.ls(images, detail=False)]
+        fs.invalidate_cache(images)
+        try:
+            existing = [posixpath.basename(p) for p in fs.ls(images, detail=False)]
+        except FileNotFoundError:  # object stores have no empty folders
+            existing = []
         with ThreadPoolExecutor(PUBLISH_THREADS) as pool:
             records = list(pool.map(lambda s: publish(s, bundle.digest, cfg, run_id, existing), pending))
         storage.remove(storage.join(cfg.output, STAGING_DIR, run_id), so)

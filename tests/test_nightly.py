@@ -190,3 +190,25 @@ def test_nightly_driver_killed_at_random_moments(tmp_path):
         assert not list((out / "_staging").iterdir())
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_nightly_on_object_storage(ray_local, s3, tmp_path):
+    """Shards and OUT on S3 (a real S3 endpoint): versions are ETags, publishing is a copy to the final key."""
+    import s3fs
+
+    bucket, opts = s3
+    fs = s3fs.S3FileSystem(**opts)
+    expected = set()
+    for s in range(2):
+        write_tar(tmp_path / f"s{s}.tar", 2, s)
+        fs.put(str(tmp_path / f"s{s}.tar"), f"{bucket}/in/s{s}.tar")
+        expected |= {f"{bucket}/in/s{s}.tar::img{i}" for i in range(2)}
+    cfg = NightlyConfig(inputs=(f"{bucket}/in/",), output=f"{bucket}/out", storage_options=opts, **OPTS)
+    first = nightly(cfg)
+    assert (first["shards_new"], first["rows"], first["errors"]) == (2, 4, 0)
+    assert nightly(cfg)["nothing_new"]
+    fs.invalidate_cache()
+    published = fs.ls(f"{bucket}/out/images", detail=False)
+    assert len(published) == 2 and not [p for p in published if p.rsplit("/", 1)[1].startswith(".")]
+    df = pd.read_parquet(f"{bucket}/out/images", storage_options=opts)
+    assert len(df) == 4 and set(df.image_id) == expected
