@@ -56,6 +56,11 @@ def test_job_config_file_and_flags_merge():
 
     cfg = config_from_args(NightlyConfig, args, args.config)
     assert (cfg.mask_format, cfg.output) == ("png", "o")
+    from rayseg.train import TrainConfig
+
+    args = entry.parse("train", ["--config", str(REPO / "jobs/configs/train.yaml"), "--output", "o", "--workers", "1", "--use-gpu"])
+    cfg = config_from_args(TrainConfig, args, args.config)
+    assert (cfg.workers, cfg.use_gpu, cfg.data) == (1, True, tuple(yaml.safe_load((REPO / "jobs/configs/train.yaml").read_text())["data"]))
     with pytest.raises(UserError, match="unknown option"):
         args = entry.parse("segment", ["--config", str(REPO / "jobs/configs/train.yaml"), "--output", "o"])
         config_from_args(SegmentConfig, args, args.config)
