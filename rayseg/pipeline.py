@@ -64,9 +64,17 @@ def actor_plan(cfg: SegmentConfig) -> tuple[tuple[int, int], dict, int]:
         return pool, {"num_gpus": 1, "num_cpus": 1}, 1
     pool = actor_range(cfg.actors) if cfg.actors else (1, 1)
     # A CPU actor reserves one CPU so decode/encode tasks keep the rest; torch may use more threads than it
-    # reserves, since the forward pass is the bottleneck and the other stages are light.
+    # reserves, since the forward pass is the bottleneck and the other stages are light. One actor with every
+    # core beat two single-threaded ones on 2 cores (docs/PERFORMANCE.md).
     threads = max(1, cpus // pool[1])
     return pool, {"num_cpus": 1}, threads
+
+
+# Ray resources of the light stages. They must differ from each other and from the actor's (1 CPU): Ray Data
+# fuses neighbouring stages with equal resources, and a fused stage takes its input in bundles of its largest
+# batch size, so read fused with decode got 16 shards in ONE task (no streaming, memory growing with the
+# archive), and decode fused into the actor ran serially with the model. Fractions let them run beside it.
+READ_CPUS, DECODE_CPUS, ENCODE_CPUS = 0.25, 0.5, 0.5
 
 
 def build_plan(cfg: SegmentConfig, shards: list[storage.Shard], bundle: ModelBundle, counter=None):
@@ -81,14 +89,14 @@ def build_plan(cfg: SegmentConfig, shards: list[storage.Shard], bundle: ModelBun
     units = work_units(shards)
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     read_kw = {"storage_options": cfg.storage_options, "h5_key": cfg.h5_key, "image_column": cfg.image_column}
-    ds = ds.map_batches(read_units, batch_size=1, fn_kwargs=read_kw) if counter is None else \
-        ds.map_batches(progress.read_counted, batch_size=1, fn_kwargs={**read_kw, "counter": counter})
-    ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, fn_kwargs={"max_pixels": cfg.max_pixels})
+    ds = ds.map_batches(read_units, batch_size=1, fn_kwargs=read_kw, num_cpus=READ_CPUS) if counter is None else \
+        ds.map_batches(progress.read_counted, batch_size=1, fn_kwargs={**read_kw, "counter": counter}, num_cpus=READ_CPUS)
+    ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, fn_kwargs={"max_pixels": cfg.max_pixels}, num_cpus=DECODE_CPUS)
     ds = ds.map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_args=(bundle, opts),
                         compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **resources)
     encode_kw = {"num_classes": bundle.card.num_classes, "mask_format": cfg.mask_format, "objects": cfg.objects, "min_area": cfg.min_area}
-    ds = ds.map_batches(encode_batch, batch_size=cfg.batch_size, fn_kwargs=encode_kw) if counter is None else \
-        ds.map_batches(progress.encode_counted, batch_size=cfg.batch_size, fn_kwargs={**encode_kw, "counter": counter})
+    ds = ds.map_batches(encode_batch, batch_size=cfg.batch_size, fn_kwargs=encode_kw, num_cpus=ENCODE_CPUS) if counter is None else \
+        ds.map_batches(progress.encode_counted, batch_size=cfg.batch_size, fn_kwargs={**encode_kw, "counter": counter}, num_cpus=ENCODE_CPUS)
     return ds
 
 
