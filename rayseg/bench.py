@@ -65,14 +65,18 @@ class BenchConfig(ModelConfig):
 # -- measuring a process tree ------------------------------------------------------------------
 
 class Sampler(threading.Thread):
-    """Peak RSS of a process and all its descendants, and the mean GPU busy fraction, every `interval` s."""
+    """Peak RSS of a process and all its descendants, their CPU seconds, and the mean GPU busy fraction.
+
+    CPU seconds are summed over every process seen (the last reading of each), so they hold up when other work
+    shares the machine, where wall-clock figures do not.
+    """
 
     def __init__(self, pid: int, interval: float = 0.1):
         super().__init__(daemon=True)
         import psutil
 
         self.root, self.interval = psutil.Process(pid), interval
-        self.peak, self.busy = 0, []
+        self.peak, self.busy, self.cpu = 0, [], {}
         self.done = threading.Event()
         self.nvml = _nvml_handle()
 
@@ -87,6 +91,8 @@ class Sampler(threading.Thread):
         for p in procs:
             try:
                 total += p.memory_info().rss
+                t = p.cpu_times()
+                self.cpu[p.pid] = t.user + t.system
             except psutil.Error:
                 pass
         self.peak = max(self.peak, total)
@@ -102,7 +108,8 @@ class Sampler(threading.Thread):
     def stop(self) -> dict:
         self.done.set()
         self.join()
-        return {"peak_rss_mb": round(self.peak / 2**20, 1), "device_busy": round(sum(self.busy) / len(self.busy), 3) if self.busy else None}
+        return {"peak_rss_mb": round(self.peak / 2**20, 1), "cpu_s": round(sum(self.cpu.values()), 2),
+                "device_busy": round(sum(self.busy) / len(self.busy), 3) if self.busy else None}
 
 
 def _nvml_handle():
@@ -175,13 +182,13 @@ def model_only(cfg: dict, q) -> None:
 
         for _ in range(2):
             step()
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
         min_batches = max(3, cfg["small_count"] // b)
         while n < min_batches or time.perf_counter() - t0 < cfg["min_seconds"]:
             step()
             n += 1
         elapsed = time.perf_counter() - t0
-        q.put({"images": n * b, "seconds": elapsed, "done_at": time.time()})
+        q.put({"images": n * b, "seconds": elapsed, "cpu_s": time.process_time() - c0, "done_at": time.time()})
     except Exception as e:  # noqa: BLE001 - reported by the parent
         q.put({"error": repr(e)})
 
@@ -418,7 +425,9 @@ def run(cfg: BenchConfig) -> dict:
         say("model-only")
         mo, mem = _in_process(model_only, mcfg)
         mo_ips = mo["images"] / mo["seconds"]
-        res["model_only"] = {"images_per_s": mo_ips, "ratio": 1.0, "images": mo["images"], "seconds": mo["seconds"], **mem}
+        mem.pop("cpu_s")  # the whole process; its timed loop measures its own
+        res["model_only"] = {"images_per_s": mo_ips, "ratio": 1.0, "images": mo["images"], "seconds": mo["seconds"],
+                             "cpu_ms_per_image": 1000 * mo["cpu_s"] / mo["images"], **mem}
 
         runs = {}
         for name in ("naive", "pipeline"):
@@ -449,6 +458,8 @@ def run(cfg: BenchConfig) -> dict:
                 "peak_rss_mb": big["peak_rss_mb"],
                 "small_peak_rss_mb": sm["peak_rss_mb"],
                 "memory_growth": big["peak_rss_mb"] / sm["peak_rss_mb"],
+                # CPU work per image past the fixed costs, all processes (Ray's own included)
+                "cpu_ms_per_image": 1000 * max(big["cpu_s"] - sm["cpu_s"], 1e-3) / (n_big - n_small),
                 "device_busy": big["device_busy"],
             }
             if name == "pipeline":
@@ -477,13 +488,14 @@ def table(res: dict) -> str:
     head = (f"rayseg bench: {c['checkpoint'] or c['model']}, batch {c['batch_size']}, input {c['input_size'] or 'checkpoint'}, "
             f"{n['large']} / {n['small']} images; {m['cpu']}, {m['cores']} CPUs, {m['ram_gib']} GiB"
             f"{', ' + m['gpu'] if m['gpu'] else ''}; load {m['load_1m']} -> {m['load_1m_end']}")
-    rows = [("", "images/s", "x model-only", "peak RSS MiB", "spill MiB", "device busy")]
+    rows = [("", "images/s", "x model-only", "CPU ms/image", "peak RSS MiB", "spill MiB", "device busy")]
     mo, nv, p = res["model_only"], res["naive"], res["pipeline"]
-    rows.append(("model-only", _num(mo["images_per_s"]), "1.00", _num(mo["peak_rss_mb"], "{:.0f}"), "-", _num(mo["device_busy"], "{:.0%}")))
+    rows.append(("model-only", _num(mo["images_per_s"]), "1.00", _num(mo["cpu_ms_per_image"]), _num(mo["peak_rss_mb"], "{:.0f}"), "-",
+                 _num(mo["device_busy"], "{:.0%}")))
     for name, e in (("naive", nv), ("pipeline", p)):
         spill = _num(e.get("spill_mb"), "{:.0f}") if name == "pipeline" else "-"
-        rows.append((f"{name} steady", _num(e["steady_images_per_s"]), _num(e["steady_ratio"], "{:.2f}"), "", "", ""))
-        rows.append((f"{name} end-to-end {n['large']}", _num(e["e2e_images_per_s"]), _num(e["e2e_ratio"], "{:.2f}"),
+        rows.append((f"{name} steady", _num(e["steady_images_per_s"]), _num(e["steady_ratio"], "{:.2f}"), _num(e["cpu_ms_per_image"]), "", "", ""))
+        rows.append((f"{name} end-to-end {n['large']}", _num(e["e2e_images_per_s"]), _num(e["e2e_ratio"], "{:.2f}"), "",
                      _num(e["peak_rss_mb"], "{:.0f}"), spill, _num(e["device_busy"], "{:.0%}")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [head] + ["  ".join(r[0].ljust(widths[0]) if i == 0 else r[i].rjust(widths[i]) for i in range(len(r))) for r in rows]

@@ -12,9 +12,9 @@ from rayseg.cli import main
 pytestmark = pytest.mark.timeout(300)
 
 FIGURES = {
-    "model_only": ("images_per_s", "ratio", "peak_rss_mb"),
-    "naive": ("steady_images_per_s", "steady_ratio", "e2e_images_per_s", "e2e_ratio", "e2e_s", "peak_rss_mb", "memory_growth"),
-    "pipeline": ("steady_images_per_s", "steady_ratio", "e2e_images_per_s", "e2e_ratio", "e2e_s", "peak_rss_mb", "memory_growth",
+    "model_only": ("images_per_s", "ratio", "peak_rss_mb", "cpu_ms_per_image"),
+    "naive": ("steady_images_per_s", "steady_ratio", "e2e_images_per_s", "e2e_ratio", "e2e_s", "peak_rss_mb", "memory_growth", "cpu_ms_per_image"),
+    "pipeline": ("steady_images_per_s", "steady_ratio", "e2e_images_per_s", "e2e_ratio", "e2e_s", "peak_rss_mb", "memory_growth", "cpu_ms_per_image",
                  "startup_s", "exit_s"),
     "targets": ("steady_vs_naive", "steady_vs_model_only", "e2e_vs_naive"),
 }
