@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import sys
 import time
+import warnings
 
 import ray
 
@@ -134,6 +135,13 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
     bundle = load_bundle(cfg.checkpoint, cfg.model, cfg.num_classes, cfg.weights, cfg.input_size, so)
     ensure_ray(cfg.address, cfg.quiet)
     ray.data.DataContext.get_current().enable_progress_bars = not cfg.quiet and sys.stderr.isatty()
+    # Ray Data retries a Parquet file write whose error matches one of these; a retried write task rewrites the same
+    # file name (write uuid + task index), so a retry replaces a file, never adds one. Its defaults only know
+    # pyarrow's own S3 messages; ours come through fsspec.
+    ctx = ray.data.DataContext.get_current()
+    with warnings.catch_warnings():  # Ray warns on any change of the list; ours are valid regular expressions too
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.retried_io_errors = list(dict.fromkeys([*ctx.retried_io_errors, *storage.RETRIED_IO_ERRORS]))
     t_ready = time.perf_counter()
 
     images_url = storage.join(cfg.output, IMAGES_DIR)
@@ -141,7 +149,7 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
     reporter = progress.Reporter(len(work_units(shards))) if progress.wants_log_lines(cfg.quiet) else None
     with reporter or contextlib.nullcontext():
         build_plan(cfg, shards, bundle, reporter and reporter.counter).write_parquet(images_path, filesystem=pa_fs)
-        rows, errors, examples = count_output(images_url, so)
+        rows, errors, examples = storage.retry(count_output, images_url, so, what="reading the output back")
         if reporter:
             reporter.finish(rows)
     if cfg.objects:  # a second streaming pass, after the images are written: OUT/images -> OUT/objects/

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from rayseg.storage import IMAGE_EXTS, filesystem
+from rayseg.storage import IMAGE_EXTS, RETRY_ATTEMPTS, filesystem, is_transient, redact_url, retry
 
 ROW_COLUMNS = ("image_id", "source", "shard", "data", "format", "error")
 
@@ -32,9 +32,10 @@ def _reason(e: BaseException) -> str:
 def read_image_file(url: str, storage_options: dict) -> Iterator[dict]:
     try:
         fs, path = filesystem(url, storage_options)
-        data = fs.cat_file(path)
+        data = retry(fs.cat_file, path, what=f"reading {redact_url(url)}")
     except Exception as e:  # noqa: BLE001 - any storage failure is this image's error row
-        yield row(url, url, error=f"could not read the file ({_reason(e)})")
+        tries = f" after {RETRY_ATTEMPTS} tries" if is_transient(e) else ""
+        yield row(url, url, error=f"could not read the file{tries} ({_reason(e)})")
         return
     yield row(url, url, data=data)
 
@@ -103,7 +104,7 @@ def read_tar(url: str, storage_options: dict) -> Iterator[dict]:
         elif count == 0:
             yield row(url, url, error="tar shard holds no files")
     except Exception as e:  # noqa: BLE001 - a broken shard becomes an error row, the samples before it stand
-        where = f"after {count} members" if count else "at its start"
+        where = f"after {count} member{'s' if count > 1 else ''}" if count else "at its start"
         pending = f"{url}::{key}" if key is not None else f"{url}::#unreadable"
         yield row(pending, url, error=f"tar shard is unreadable {where} ({_reason(e)})")
 

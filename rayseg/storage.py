@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import posixpath
+import random
+import time
 from dataclasses import dataclass
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from rayseg.errors import UserError
+
+log = logging.getLogger("rayseg")
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 SHARD_KINDS = {".tar": "tar", ".h5": "h5", ".hdf5": "h5", ".parquet": "parquet", **{e: "image" for e in IMAGE_EXTS}}
@@ -120,8 +126,50 @@ def remove(url: str, storage_options: dict | None = None) -> None:
         fs.rm(path, recursive=True)
 
 
+# Object stores answer 503 SlowDown, drop connections or time out for a moment; s3fs and botocore retry some of
+# that. This is the layer above them: a few more tries spaced by exponential backoff, for any fsspec protocol.
+RETRY_ATTEMPTS, RETRY_BASE_S, RETRY_MAX_S = 3, 1.0, 8.0
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, UserError)
+TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED,
+                    errno.EPIPE, getattr(errno, "EREMOTEIO", 121)}
+TRANSIENT_WORDS = ("slowdown", "reduce your request rate", "serviceunavailable", "service unavailable", "internalerror",
+                   "503", "500", "502", "504", "timed out", "timeout", "connection", "disconnected", "reset by peer",
+                   "temporarily", "throttl")
+
+# the same, as patterns for Ray Data's write retry (DataContext.retried_io_errors: substring, then regex)
+RETRIED_IO_ERRORS = ("SlowDown", "reduce your request rate", "ServiceUnavailable", "Service Unavailable", "InternalError",
+                     "Errno 16]", "Errno 121]", "Connection reset", "ConnectionClosed", "Server disconnected", "timed out")
+
+
+def is_transient(e: BaseException) -> bool:
+    """Worth another try: a busy, unreachable or timed-out store; never a missing file or a refused permission."""
+    if isinstance(e, PERMANENT_ERRORS):
+        return False
+    if isinstance(e, (ConnectionError, TimeoutError)) or getattr(e, "errno", None) in TRANSIENT_ERRNOS:
+        return True
+    text = f"{type(e).__name__} {e}".lower()
+    return any(w in text for w in TRANSIENT_WORDS)
+
+
+def retry(fn, *args, what: str = "storage call", attempts: int = RETRY_ATTEMPTS, **kwargs):
+    """fn(*args, **kwargs), tried again on transient storage errors with exponential backoff and jitter."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised unless transient and tries are left
+            if attempt == attempts or not is_transient(e):
+                raise
+            delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            log.warning("%s failed (%s); try %d of %d in %.1f s", what, type(e).__name__, attempt + 1, attempts, delay)
+            time.sleep(delay)
+
+
 def write_json(url: str, data: dict, storage_options: dict | None = None) -> None:
     """Write JSON so that a reader sees the old file or the whole new one (temp file, then move)."""
+    retry(_write_json, url, data, storage_options, what=f"writing {redact_url(url)}")
+
+
+def _write_json(url: str, data: dict, storage_options: dict | None = None) -> None:
     fs, path = filesystem(url, storage_options)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp")
@@ -134,6 +182,14 @@ def read_json(url: str, storage_options: dict | None = None) -> dict:
     fs, path = filesystem(url, storage_options)
     with fs.open(path, "r") as f:
         return json.load(f)
+
+
+def redact_url(url: str) -> str:
+    """A URL without user:password@ (some fsspec URLs carry credentials there)."""
+    proto, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        return f"{proto}://***@{rest.split('@', 1)[1]}"
+    return url
 
 
 def join(url: str, *parts: str) -> str:

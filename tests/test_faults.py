@@ -9,6 +9,7 @@ this one); everything it starts is stopped by the child, and the child is killed
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ import psutil
 import pytest
 
 from conftest import png_bytes, random_image
-from rayseg import segment
+from rayseg import segment, storage
 
 N_IMAGES = 200
 
@@ -177,3 +178,138 @@ def test_worker_node_removed_mid_run(tmp_path):
     assert "removed" in report and report["removed"]["alive"], f"no node was removed mid-run: {report}"
     assert report["finished"] and "error" not in report, report
     assert_exactly_once(out, ids)
+
+
+class FaultProxy:
+    """A TCP proxy on 127.0.0.1 in front of the S3 endpoint that breaks requests on purpose, then stops by itself.
+
+    It reads each request's head, then either forwards it (with `Connection: close`, so the next request comes on
+    a new connection and is judged too) or fails it: a 503 SlowDown reply or a reset connection, alternately.
+    - an outage of `window_s` seconds for reads, starting at the first GET of an object, and another for writes,
+      starting at the first PUT/POST: every object GET, PUT and POST fails while one is open (bucket listings and
+      HEADs pass: discovery is not what this exercises);
+    - every request whose path holds `cursed` fails, as long as the proxy is faulty;
+    - it is faulty for at most `max_faults` failures and `max_seconds` seconds; after that it only forwards.
+    """
+
+    def __init__(self, upstream: str, window_s: float = 12, cursed: str = "cursed", max_faults: int = 2000, max_seconds: float = 240):
+        import socket
+
+        self.up = upstream.removeprefix("http://").split(":")
+        self.window_s, self.cursed, self.max_faults = window_s, cursed, max_faults
+        self.until = time.monotonic() + max_seconds
+        self.opened: dict[str, float] = {}  # "read" / "write" -> when its outage began
+        self.faults: list[tuple[str, str, str]] = []  # (method, path, how)
+        self.lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stopped = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.stopped:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _verdict(self, method: str, path: str) -> str | None:
+        with self.lock:
+            now = time.monotonic()
+            if len(self.faults) >= self.max_faults or now > self.until:
+                return None
+            key = path.split("?")[0].strip("/")
+            if method not in ("GET", "PUT", "POST") or "/" not in key:
+                return None
+            phase = "read" if method == "GET" else "write"
+            began = self.opened.setdefault(phase, now)
+            if self.cursed in key or now - began < self.window_s:
+                how = "503" if len(self.faults) % 2 == 0 else "reset"
+                self.faults.append((method, path, how))
+                return how
+            return None
+
+    def _handle(self, conn):
+        import socket
+
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            head, _, rest = head.partition(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            method, path = lines[0].decode("latin-1").split(" ")[:2]
+            how = self._verdict(method, path)
+            if how == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+                return
+            if how == "503":
+                body = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                conn.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                             + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                return
+            kept = [ln for ln in lines[1:] if not ln.lower().startswith(b"connection:")]
+            up = socket.create_connection((self.up[0], int(self.up[1])))
+            with up:
+                up.sendall(b"\r\n".join([lines[0], *kept, b"Connection: close"]) + b"\r\n\r\n" + rest)
+                t = threading.Thread(target=self._pipe, args=(conn, up), daemon=True)
+                t.start()
+                self._pipe(up, conn)
+                t.join(timeout=60)
+
+    @staticmethod
+    def _pipe(src, dst):
+        import socket
+
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def stop(self):
+        self.stopped = True
+        self.sock.close()
+
+
+def test_object_storage_fails_for_a_while(ray_local, s3, tmp_path):
+    import fsspec
+
+    bucket, opts = s3
+    fs = fsspec.filesystem("s3", **opts)
+    rng = np.random.default_rng(3)
+    good = [f"{bucket}/in/img{i:02d}.png" for i in range(12)]
+    for name in good:
+        fs.pipe_file(name, png_bytes(random_image(rng, 10, 14)))
+    fs.pipe_file(f"{bucket}/in/zz_cursed.png", png_bytes(random_image(rng, 10, 14)))  # read last, after the outage
+    # A 10 s outage for reads, then one for writes. botocore's retries are turned down (standard mode, max_attempts 1,
+    # i.e. 2 tries), so botocore and s3fs together give up after about 5 s: the rest of the outage is rayseg's to
+    # ride out (storage.retry for image reads, the read-back and the summary; Ray Data's write retry, taught
+    # fsspec's messages, for the Parquet files). With botocore's defaults the library alone rides out ~15 s.
+    proxy = FaultProxy(opts["endpoint_url"], window_s=10)
+    try:
+        flaky_opts = {**opts, "endpoint_url": proxy.url, "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+        summary = segment(inputs=[f"{bucket}/in/*.png"], output=f"{bucket}/out", storage_options=flaky_opts, model="unet",
+                          num_classes=2, input_size=32, batch_size=4, quiet=True)
+        # the proxy stops faulting only by its bounds, not because the run asked it to
+        with proxy.lock:
+            faults = list(proxy.faults)
+    finally:
+        proxy.stop()
+    methods = {m for m, _, _ in faults}
+    assert {"GET", "PUT"} <= methods or {"GET", "POST"} <= methods, faults[:20]  # reads and writes were both hit
+    assert {h for _, _, h in faults} == {"503", "reset"}
+    table = pd.read_parquet(f"{bucket.removeprefix('s3://')}/out/images", filesystem=fs)
+    assert table["image_id"].is_unique and len(table) == len(good) + 1
+    rows = table.set_index("image_id")
+    assert rows.loc[[f"s3://{g.removeprefix('s3://')}" for g in good], "error"].isna().all()
+    err = rows.loc[f"{bucket}/in/zz_cursed.png", "error"]
+    assert isinstance(err, str) and f"could not read the file after {storage.RETRY_ATTEMPTS} tries" in err, err
+    print(f"{len(faults)} faults injected: {sorted(collections.Counter((m, h) for m, _, h in faults).items())}")
+    assert summary["rows"] == len(good) + 1 and summary["errors"] == 1
+    assert json.loads(fs.cat_file(f"{bucket}/out/_rayseg.json"))["rows"] == len(good) + 1
