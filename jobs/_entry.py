@@ -11,30 +11,42 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
+import threading
 
 
 class _LastLineLast(io.TextIOBase):
-    """A stdout that passes every line through at once except the latest, which waits for `finish()`."""
+    """A stdout that keeps back the latest line until `finish()`; after `hold()`, later output passes straight on."""
 
     def __init__(self, out):
-        self.out, self.pending, self.partial = out, "", ""
+        self.out, self.pending, self.partial, self.held = out, "", "", None
+        self.lock = threading.Lock()  # Ray's log threads print worker output to sys.stdout too
 
     def write(self, s: str) -> int:
-        lines = (self.partial + s).split("\n")
-        self.partial = lines.pop()
-        for line in lines:
-            if self.pending:
-                self.out.write(self.pending)
-            self.pending = line + "\n"
-        self.out.flush()
+        with self.lock:
+            lines = (self.partial + s).split("\n")
+            self.partial = lines.pop()
+            for line in lines:
+                if self.held is not None:
+                    self.out.write(line + "\n")
+                    continue
+                if self.pending:
+                    self.out.write(self.pending)
+                self.pending = line + "\n"
+            self.out.flush()
         return len(s)
 
     def flush(self) -> None:
         self.out.flush()
 
+    def hold(self) -> None:
+        """The command is done: its last line (the summary) is the one kept back."""
+        with self.lock:
+            self.held, self.pending = self.pending, ""
+
     def finish(self) -> None:
-        self.out.write(self.pending + self.partial)
-        self.out.flush()
+        with self.lock:
+            self.out.write(self.partial + ("\n" if self.partial else "") + (self.held or self.pending))
+            self.out.flush()
 
 
 def parse(command: str, argv: list[str]):
@@ -52,6 +64,7 @@ def run(command: str, argv: list[str] | None = None) -> int:
     try:
         with contextlib.redirect_stdout(stdout):
             rc = main([command, *argv])
+            stdout.hold()
             import ray
 
             if ray.is_initialized():
