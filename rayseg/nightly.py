@@ -148,7 +148,10 @@ def publish(shard: storage.Shard, digest: str, cfg: NightlyConfig, run_id: str, 
         files = [name]
     for old in existing:  # the same shard under an older model (a changed shard keeps its name: overwritten above)
         if old.startswith(f"{key}-") and old != name:
-            fs.rm(posixpath.join(images, old))
+            try:
+                fs.rm(posixpath.join(images, old))
+            except FileNotFoundError:  # gone already: this publish is a retry
+                pass
     errors = table.num_rows - table.column("error").null_count
     record = {"shard_url": shard.url, "size": shard.size, "version": shard.version, "model_digest": digest,
               "files": files, "rows": table.num_rows, "errors": errors, "run_id": run_id,
@@ -195,7 +198,9 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
         except FileNotFoundError:  # object stores have no empty folders
             existing = []
         with ThreadPoolExecutor(PUBLISH_THREADS) as pool:
-            records = list(pool.map(lambda s: publish(s, bundle.digest, cfg, run_id, existing), pending))
+            # publish is idempotent (same file name, same record), so a transient storage error just redoes it
+            records = list(pool.map(lambda s: storage.retry(publish, s, bundle.digest, cfg, run_id, existing,
+                                                            what=f"publishing {s.url}"), pending))
         storage.remove(storage.join(cfg.output, STAGING_DIR, run_id), so)
 
     failed = [r["shard_url"] for r in records if r["rows"] and r["errors"] == r["rows"]]
