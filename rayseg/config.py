@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from rayseg.errors import UserError
 
-MODEL_NAMES = ("unet", "fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
+MODEL_NAMES = ("unet", "pointwise", "fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
 
 
 def _f(default=None, help="", **meta):
@@ -28,7 +28,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SegmentConfig(ModelConfig):
-    inputs: tuple[str, ...] = _f((), "input paths, globs or URLs (any fsspec protocol)", positional=True)
+    inputs: tuple[str, ...] = _f((), "input paths, globs or URLs (any fsspec protocol)", positional=True, optional=True)  # optional: a --config YAML may give them
     output: str = _f("", "output folder URL", short="-o")
     storage_options: dict = _f({}, "fsspec storage options as JSON, e.g. '{\"endpoint_url\": ...}'")
     h5_key: str = _f("images", "HDF5 dataset holding the images")

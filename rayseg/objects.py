@@ -100,3 +100,12 @@ def write_objects(images_path: str, objects_path: str, filesystem) -> None:
 
     ds = ray.data.read_parquet(images_path, filesystem=filesystem, columns=["image_id", "objects"])
     ds.map_batches(explode, batch_format="pyarrow", batch_size=None).write_parquet(objects_path, filesystem=filesystem)
+    # Ray writes no file for empty blocks; with no object at all, leave one empty file so that
+    # `read_parquet('OUT/objects/*.parquet')` in DuckDB finds the table (with no rows) instead of failing.
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    found = filesystem.get_file_info(pafs.FileSelector(objects_path, allow_not_found=True))
+    if not any(i.type == pafs.FileType.File and i.path.endswith(".parquet") for i in found):
+        filesystem.create_dir(objects_path, recursive=True)
+        pq.write_table(OBJECTS_SCHEMA.empty_table(), f"{objects_path}/empty.parquet", filesystem=filesystem)
