@@ -294,7 +294,9 @@ def pipeline(cfg: dict, urls: list[str], out_dir: str) -> tuple[dict, dict]:
         argv += ["--input-size", str(cfg["input_size"])]
     if cfg["compile"]:
         argv.append("--compile")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray: start-up is part of the figure
+    # its own Ray, so start-up is part of the figure: "local" starts a new instance even where another Ray runs on
+    # this machine (with no address, ray.init joins the latest one it finds)
+    env = {**os.environ, "RAY_ADDRESS": "local"}
     info_file = os.path.join(out_dir + ".child.json")
     launched = time.time()
     proc = subprocess.Popen([sys.executable, "-c", PIPELINE_CHILD, info_file, *argv], env=env,
