@@ -224,6 +224,8 @@ def train_loop(loop: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the validation Predictor asks for "cuda": make that this rank's GPU
     amp = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(cfg.seed)  # the seed controls the initialisation (DDP then broadcasts rank 0's weights)
     model = build_model(cfg.model, cfg.num_classes)
@@ -292,18 +294,19 @@ def public_config(cfg: TrainConfig) -> dict:
 
 
 def publish_best(checkpoint, output: str, storage_options: dict) -> str:
-    """Copy model.pt + model.json of a Ray checkpoint to OUTPUT/best/ (staged next to it, then moved in)."""
+    """Copy model.pt + model.json of a Ray checkpoint to OUTPUT/best/.
+
+    The card goes last: object stores have no directory rename, so instead a reader (load_bundle) that finds
+    model.json finds the model.pt that belongs to it.
+    """
     fs, out = storage.filesystem(output, storage_options)
-    best, staging = storage.join(out, BEST_DIR), storage.join(out, f".{BEST_DIR}.tmp")
+    best = storage.join(out, BEST_DIR)
     with checkpoint.as_directory() as d:
-        if fs.exists(staging):
-            fs.rm(staging, recursive=True)
-        fs.makedirs(staging, exist_ok=True)
+        if fs.exists(best):
+            fs.rm(best, recursive=True)
+        fs.makedirs(best, exist_ok=True)
         for name in (WEIGHTS_FILE, CARD_FILE):
-            fs.put_file(os.path.join(d, name), storage.join(staging, name))
-    if fs.exists(best):
-        fs.rm(best, recursive=True)
-    fs.mv(staging, best, recursive=True)
+            fs.put_file(os.path.join(d, name), storage.join(best, name))
     return storage.join(output, BEST_DIR)
 
 

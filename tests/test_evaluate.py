@@ -128,3 +128,15 @@ def test_evaluate_cli_bad_checkpoint_is_one_line(tmp_path, capsys):
 
     assert main(["evaluate", "--checkpoint", str(tmp_path), "--data", str(tmp_path)]) == 2
     assert "is not a rayseg checkpoint" in capsys.readouterr().err
+
+
+def test_evaluate_reads_and_writes_s3_without_leaking_secrets(ray_local, s3, checkpoint):
+    bucket, opts = s3
+    write_archive(f"{bucket}/labelled", "tar", 6, labelled=True, seed=9, num_classes=3, min_size=24, max_size=32, storage_options=opts)
+    result = evaluate(checkpoint=checkpoint, data=(f"{bucket}/labelled",), json=f"{bucket}/eval.json", storage_options=opts, quiet=True)
+    assert result["pairs"] == 6 and result["bad_pairs"] == 0
+    import s3fs
+
+    text = s3fs.S3FileSystem(**opts).cat_file(f"{bucket}/eval.json".removeprefix("s3://")).decode()
+    assert json.loads(text)["miou"] == result["miou"]
+    assert opts["secret"] not in text and opts["key"] not in text
