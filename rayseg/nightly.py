@@ -178,6 +178,7 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
     log.info("nightly %s: %d shards, %d already committed, %d to segment", run_id, len(shards), len(shards) - len(pending), len(pending))
 
     records: list[dict] = []
+    cluster = None  # Ray is only started (or joined) when there is work
     if pending:
         import ray
 
@@ -185,6 +186,8 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
 
         ensure_ray(cfg.address, cfg.quiet)
         ray.data.DataContext.get_current().enable_progress_bars = not cfg.quiet and sys.stderr.isatty()
+        res = ray.cluster_resources()
+        cluster = {"nodes": sum(n["Alive"] for n in ray.nodes()), "CPU": res.get("CPU", 0), "GPU": res.get("GPU", 0)}
         pa_fs, staging = storage.pyarrow_filesystem(storage.join(cfg.output, STAGING_DIR, run_id), so)
         # One plan for all pending shards; rows land in one folder per shard, so each shard commits on its own.
         ds = build_plan(cfg, pending, bundle).map_batches(_with_shard_key, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
@@ -225,6 +228,7 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
         "ignored_files": ignored,
         "model": bundle.label,
         "model_digest": bundle.digest,
+        "cluster": cluster,
         "config": _public_config(cfg),
         "started_at": started.isoformat(),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),

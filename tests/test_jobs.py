@@ -253,11 +253,13 @@ def test_jobs_on_a_two_node_cluster(cluster, tmp_path):
     status, logs = wait(cluster, submit(cluster, nightly))
     assert status == "SUCCEEDED", logs[-3000:]
     assert (summary_of(logs)["shards_new"], summary_of(logs)["rows"]) == (3, 7)
+    assert summary_of(logs)["cluster"]["nodes"] == 2  # the job joined the cluster rather than starting its own Ray
     rows_once(tmp_path / "nightly" / "images", expected)
 
     status, logs = wait(cluster, submit(cluster, nightly))
     assert status == "SUCCEEDED", logs[-3000:]
     assert summary_of(logs)["nothing_new"] and summary_of(logs)["shards_skipped"] == 3
+    assert summary_of(logs)["cluster"] is None  # answered from the ledger without Ray
 
     expected |= write_tar(inp / "d.tar", 2, 3)
     status, logs = wait(cluster, submit(cluster, nightly))

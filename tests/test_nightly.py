@@ -77,7 +77,7 @@ def test_nightly_commits_each_shard_once(ray_local, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in (out / IMAGES_DIR).iterdir()}
     second = run(inp, out, checkpoint=ckpt_a)
     assert second["nothing_new"] and second["shards_new"] == 0 and second["shards_skipped"] == 4
-    assert second["elapsed_s"] < 10
+    assert second["elapsed_s"] < 10 and second["cluster"] is None and first["cluster"]["CPU"] == 2
     assert {p.name: p.stat().st_mtime_ns for p in (out / IMAGES_DIR).iterdir()} == before
 
     # A new shard is segmented alone.
@@ -174,7 +174,7 @@ def test_nightly_driver_killed_at_random_moments(tmp_path):
     try:
         for _ in range(3):
             proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(2.0, 25.0))
+            time.sleep(rng.uniform(2.0, 20.0))
             _kill_session(proc)
             if (out / IMAGES_DIR).exists() and any((out / IMAGES_DIR).glob("*.parquet")):
                 df = table(out)  # what a reader sees between runs: whole files, no row twice
