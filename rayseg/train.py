@@ -317,16 +317,30 @@ def _ray_checkpoint(url: str, storage_options: dict):
     return Checkpoint(path, filesystem=pa_fs)
 
 
-def _finished(cfg: TrainConfig) -> dict | None:
-    url = storage.join(cfg.output, SUMMARY_FILE)
-    fs, path = storage.filesystem(url, cfg.storage_options)
-    if not fs.exists(path):
-        return None
-    previous = storage.read_json(url, cfg.storage_options)
-    if previous.get("model") != cfg.model or previous.get("num_classes") != cfg.num_classes:
-        raise UserError(f"{cfg.output} holds a run of {previous.get('model')} with {previous.get('num_classes')} classes; "
-                        "give a new --output for a different model")
-    return previous if previous.get("epochs_completed", 0) >= cfg.epochs else None
+def _previous_run(cfg: TrainConfig) -> dict | None:
+    """The summary of a finished run in OUTPUT that this command would not extend, else None.
+
+    A run (finished or stopped) of another model or class count in OUTPUT is a UserError: resuming it would
+    load weights of the wrong shape.
+    """
+    so = cfg.storage_options
+    fs, out = storage.filesystem(cfg.output, so)
+    summary_path = storage.join(out, SUMMARY_FILE)
+    previous = storage.read_json(storage.join(cfg.output, SUMMARY_FILE), so) if fs.exists(summary_path) else None
+    cards = sorted(fs.glob(storage.join(out, RUN_NAME, "epoch-*", CARD_FILE)))
+    found = None
+    if previous is not None:
+        found = (previous.get("model"), previous.get("num_classes"))
+    elif cards:  # a stopped run: its last checkpoint's card says what it trains
+        card = json.loads(fs.cat_file(cards[-1]))
+        found = (card.get("architecture"), card.get("num_classes"))
+    if found is not None:
+        model, classes = found
+        if found != (cfg.model, cfg.num_classes):
+            raise UserError(f"{cfg.output} holds a run of {model} with {classes} classes; give a new --output for a different model")
+    if previous is not None and previous.get("epochs_completed", 0) >= cfg.epochs:
+        return previous
+    return None
 
 
 def train(config: TrainConfig | None = None, **kwargs) -> dict:
@@ -340,7 +354,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
 
     cfg = config if config is not None else config_from(TrainConfig, kwargs)
     t0, so = time.perf_counter(), cfg.storage_options
-    previous = _finished(cfg)
+    previous = _previous_run(cfg)
     if previous is not None:
         best = publish_best(_ray_checkpoint(previous["best_checkpoint"], so), cfg.output, so)
         log.info("train: the run in %s already finished %d epochs; republished its best checkpoint at %s", cfg.output, previous["epochs_completed"], best)
@@ -348,6 +362,11 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
 
     ensure_ray(cfg.address, cfg.quiet)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    cpus, gpus = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
+    if cpus < cfg.workers or (cfg.use_gpu and gpus < cfg.workers):
+        # not an error: an autoscaling cluster grows to fit; a fixed one will wait here for ever
+        log.warning("train: %d worker(s) need %d CPU%s, the cluster has %g CPU and %g GPU now; waiting for the cluster to grow",
+                    cfg.workers, cfg.workers, f" and {cfg.workers} GPU" if cfg.use_gpu else "", cpus, gpus)
     train_ds, ignored = read_labelled(cfg.data, cfg.num_classes, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels)
     val_ds, val_ignored = read_labelled(cfg.val_data, cfg.num_classes, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels)
     train_ds, n_train, train_bad = split_errors(train_ds, "train data")

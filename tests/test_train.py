@@ -164,3 +164,12 @@ def test_train_cli_rejects_bce_with_three_classes(tmp_path, capsys):
 
     assert main(["train", "--data", "x", "--val-data", "y", "--output", str(tmp_path), "--num-classes", "3", "--loss", "bce_dice"]) == 2
     assert "bce_dice" in capsys.readouterr().err
+
+
+def test_output_holding_another_models_run_is_refused(blobs_run, capsys):
+    from rayseg.cli import main
+
+    args = ["train", "--data", str(blobs_run["root"] / "train"), "--val-data", str(blobs_run["root"] / "val"),
+            "--output", str(blobs_run["out"]), "--num-classes", "3"]
+    assert main(args) == 2
+    assert "holds a run of unet with 2 classes" in capsys.readouterr().err
