@@ -75,13 +75,16 @@ def _digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.fixture
-def secret_run(s3, tmp_path):
+@pytest.fixture(scope="module")
+def secret_run(s3_server, tmp_path_factory):
     """`rayseg segment` in a child process, its own embedded Ray under a private temp dir, on S3 with secret-looking
     credentials in --storage-options and in the environment. Returns what a leak could show up in."""
     import fsspec
 
-    bucket, opts = s3
+    tmp_path = tmp_path_factory.mktemp("secret")
+    opts = {"endpoint_url": s3_server, "key": "testing-key", "secret": "testing-secret-value", "client_kwargs": {"region_name": "us-east-1"}}
+    bucket = f"s3://rayseg-sec-{uuid.uuid4().hex[:8]}"
+    fsspec.filesystem("s3", endpoint_url=s3_server, key=opts["key"], secret=opts["secret"], skip_instance_cache=True).mkdir(bucket)
     opt_secret, env_secret = f"optsecret{uuid.uuid4().hex}", f"envsecret{uuid.uuid4().hex}"
     secret_opts = {**opts, "secret": opt_secret, "key": f"AKIA{opt_secret[-12:].upper()}"}  # moto takes any pair
     fs = fsspec.filesystem("s3", **opts)
