@@ -98,12 +98,10 @@ def test_predictor_actor_sigkilled_mid_run(ray_local, tmp_path):
         time.sleep(0.2)
     assert victim is not None, f"no predictor actor to kill before the run ended: {result}"
     assert runner.is_alive(), "the run ended before the kill: the test proves nothing"
-    killed_at = time.monotonic()
     runner.join(timeout=300)
     assert not runner.is_alive(), "segment did not finish within 5 minutes of the kill"
     assert "error" not in result, result.get("error")
     assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
-    assert time.monotonic() > killed_at
     assert_exactly_once(out, ids)
     assert result["summary"]["rows"] == N_IMAGES and result["summary"]["errors"] == 0
 
