@@ -68,7 +68,7 @@ def read_tar(url: str, storage_options: dict) -> Iterator[dict]:
         seen[key] = n + 1
         image_id = f"{url}::{key}" if n == 0 else f"{url}::{key}#{n + 1}"
         if not image_exts:
-            kinds = ", ".join(sorted(members)) or "nothing"
+            kinds = ", ".join(sorted(e or "a member without extension" for e in members)) or "nothing"
             return row(image_id, url, error=f"tar sample {key!r} has no image member (found {kinds})")
         return row(image_id, url, data=members[image_exts[0]])
 
