@@ -172,10 +172,23 @@ def test_nightly_driver_killed_at_random_moments(tmp_path):
            "--batch-size", "4", "--quiet"]
     rng = random.Random(5)
     try:
-        for _ in range(3):
+        for attempt in range(3):
+            if attempt == 2:  # a rewritten shard (new mtime, same images), so this run has work even if the last finished
+                write_tar(inp / "s1.tar", 3, 1)
+            stale = set(out.glob("_staging/*"))  # left by the previous kill
             proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(2.0, 20.0))
+            # The first kill lands anywhere in start-up or segmentation. The others count their random delay from
+            # this run's first staged file, so they land while it writes, publishes or records (about 0.1 s here, measured).
+            if attempt:
+                deadline = time.monotonic() + 150
+                while (not [f for f in out.glob("_staging/*/*/*") if f.parents[1] not in stale]
+                       and proc.poll() is None and time.monotonic() < deadline):
+                    time.sleep(0.01)
+            delay = rng.uniform(2.0, 20.0) if attempt == 0 else rng.uniform(0.0, 0.12)
+            time.sleep(delay)
             _kill_session(proc)
+            staged = list(out.glob("_staging/*/*"))
+            print(f"kill {attempt + 1} (+{delay:.2f}s): {len(list(out.glob('_ledger/*.json')))} shards committed, {len(staged)} staged")
             if (out / IMAGES_DIR).exists() and any((out / IMAGES_DIR).glob("*.parquet")):
                 df = table(out)  # what a reader sees between runs: whole files, no row twice
                 assert not df.image_id.duplicated().any()
