@@ -192,12 +192,12 @@ def validate(model: torch.nn.Module, card: ModelCard, val_iter, batch_size: int,
     return cm.reduce_from_all_processes()
 
 
-def _all_mean(value: float, count: int) -> float:
+def _all_mean(value: float, count: int, device: torch.device) -> float:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return value / max(count, 1)
-    t = torch.tensor([value, float(count)], dtype=torch.float64)
+    t = torch.tensor([value, float(count)], dtype=torch.float64, device=device)  # NCCL reduces only GPU tensors
     dist.all_reduce(t)
     return float(t[0] / t[1].clamp_min(1))
 
@@ -253,7 +253,9 @@ def train_loop(loop: dict) -> None:
         rng = np.random.default_rng([cfg.seed, rank, epoch])  # a resumed epoch sees the same augmentations
         model.train()
         loss_sum, seen = 0.0, 0
-        for batch in train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=1):
+        # a shuffle buffer of a few batches: batches differ from epoch to epoch, reproducibly for a resumed epoch
+        for batch in train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=1,
+                                              local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed * 100_003 + epoch):
             pairs = [augment(im, m, cfg.input_size, rng) for im, m in zip(batch["image"], batch["target"])]
             x = torch.from_numpy(np.stack([p[0] for p in pairs])).to(device).permute(0, 3, 1, 2).float()
             y = torch.from_numpy(np.stack([p[1] for p in pairs])).to(device).long()
@@ -266,7 +268,7 @@ def train_loop(loop: dict) -> None:
             optimizer.step()
             scheduler.step()
             loss_sum, seen = loss_sum + loss.item() * len(pairs), seen + len(pairs)
-        train_loss = _all_mean(loss_sum, seen)
+        train_loss = _all_mean(loss_sum, seen, device)
         model.eval()
         scores = validate(getattr(model, "module", model), card, val_iter, cfg.batch_size, rank, world).to_json_dict()
         metrics = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_miou": scores["miou"] if scores["miou"] is not None else -1.0,
