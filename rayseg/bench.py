@@ -9,8 +9,10 @@ Each measurement runs in a fresh process, so its peak memory is its own and star
   the predictor feeds it: an NHWC uint8 stack permuted to NCHW (channels_last), float, normalised;
 - naive: read, decode (cv2), infer, argmax, PNG, statistics, Parquet, one process, no Ray, same model/batch/layout;
 - pipeline: `rayseg segment` in a subprocess with its own embedded Ray, start-up and model load included.
-Steady-state throughput of naive and pipeline = (count - small count) / (time(count) - time(small count)): fixed
-costs (imports, Ray start, model load, actor start) cancel out. The small run reads a prefix of the shards.
+Steady-state throughput of naive and pipeline = (count - small count) / (time(count) - time(small count)), with
+times taken from model ready (naive) or Ray ready (pipeline), so what fixed costs remain (actor start, model load
+in the actor) cancel out. The small run reads a prefix of the shards. End-to-end times run from process launch.
+CPU ms/image (all processes, same difference) is the figure that holds up when the machine is shared.
 Peak memory is the RSS summed over the process tree (driver, raylet, workers), sampled every 0.1 s; shared
 pages (the object store) count once per process that maps them, so it overstates, never understates.
 """
