@@ -71,7 +71,7 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
     """Run `rayseg evaluate`; returns the results (also written to --json when given)."""
     import ray
 
-    from rayseg.labelled import read_labelled
+    from rayseg.labelled import find_pairs, read_labelled
     from rayseg.models import load_bundle
     from rayseg.pipeline import actor_plan, ensure_ray
     from rayseg.predict import PredictOptions, Predictor
@@ -80,12 +80,13 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
     t0, so = time.perf_counter(), cfg.storage_options
     bundle = load_bundle(cfg.checkpoint, storage_options=so)
     k = bundle.card.num_classes
+    units, ignored = find_pairs(cfg.data, so)  # a wrong path fails here, before Ray starts
     ensure_ray(cfg.address, cfg.quiet)
     ray.data.DataContext.get_current().enable_progress_bars = not cfg.quiet and sys.stderr.isatty()
 
     pool, resources, threads = actor_plan(cfg)
     opts = PredictOptions(device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size, threads=threads)
-    ds, ignored = read_labelled(cfg.data, k, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels, cfg.batch_size)
+    ds, _ = read_labelled(cfg.data, k, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels, cfg.batch_size, units=units)
     ds = ds.map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_args=(bundle, opts),
                         compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **resources)
     ds = ds.map_batches(confusion_batch, batch_size=cfg.batch_size, fn_kwargs={"num_classes": k})

@@ -243,21 +243,29 @@ def pair_units(shards: list[storage.Shard], files_per_unit: int = 16) -> tuple[l
     return units, ignored
 
 
-def read_labelled(inputs, num_classes: int, storage_options: dict | None = None, h5_key: str = "images",
-                  mask_key: str = "masks", max_pixels: int = 100_000_000, batch_size: int = 16):
-    """(Ray Dataset of decoded pair rows, ignored URLs). Raises UserError when the inputs hold nothing."""
-    import ray
-
+def find_pairs(inputs, storage_options: dict | None = None) -> tuple[list[dict], list[str]]:
+    """(work units, ignored URLs) of labelled inputs; UserError, before any Ray work, when they hold no pairs."""
     from rayseg.errors import UserError
 
     shards, ignored = storage.discover(tuple(inputs), storage_options)
     units, loose = pair_units(shards)
     if not units:
         raise UserError(f"no labelled data in {' '.join(inputs)}: expected HDF5 or tar shards, or images/ and masks/ folders")
+    return units, ignored + loose
+
+
+def read_labelled(inputs, num_classes: int, storage_options: dict | None = None, h5_key: str = "images",
+                  mask_key: str = "masks", max_pixels: int = 100_000_000, batch_size: int = 16, units: list[dict] | None = None):
+    """(Ray Dataset of decoded pair rows, ignored URLs). `units` from find_pairs saves discovering `inputs` again."""
+    import ray
+
+    ignored: list[str] = []
+    if units is None:
+        units, ignored = find_pairs(inputs, storage_options)
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(read_pair_units, batch_size=1, fn_kwargs={"storage_options": storage_options or {}, "h5_key": h5_key, "mask_key": mask_key})
     ds = ds.map_batches(decode_pairs, batch_size=batch_size, fn_kwargs={"num_classes": num_classes, "max_pixels": max_pixels})
-    return ds, ignored + loose
+    return ds, ignored
 
 
 def split_errors(ds, what: str):

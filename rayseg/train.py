@@ -351,7 +351,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from rayseg.labelled import read_labelled, split_errors
+    from rayseg.labelled import find_pairs, read_labelled, split_errors
     from rayseg.pipeline import ensure_ray
 
     cfg = config if config is not None else config_from(TrainConfig, kwargs)
@@ -362,6 +362,8 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
         log.info("train: the run in %s already finished %d epochs; republished its best checkpoint at %s", cfg.output, previous["epochs_completed"], best)
         return {**previous, "already_finished": True, "best": best}
 
+    train_units, ignored = find_pairs(cfg.data, so)  # a wrong path fails here, before Ray starts
+    val_units, val_ignored = find_pairs(cfg.val_data, so)
     ensure_ray(cfg.address, cfg.quiet)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus, gpus = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
@@ -369,8 +371,8 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
         # not an error: an autoscaling cluster grows to fit; a fixed one will wait here for ever
         log.warning("train: %d worker(s) need %d CPU%s, the cluster has %g CPU and %g GPU now; waiting for the cluster to grow",
                     cfg.workers, cfg.workers, f" and {cfg.workers} GPU" if cfg.use_gpu else "", cpus, gpus)
-    train_ds, ignored = read_labelled(cfg.data, cfg.num_classes, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels)
-    val_ds, val_ignored = read_labelled(cfg.val_data, cfg.num_classes, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels)
+    train_ds, _ = read_labelled(cfg.data, cfg.num_classes, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels, units=train_units)
+    val_ds, _ = read_labelled(cfg.val_data, cfg.num_classes, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels, units=val_units)
     train_ds, n_train, train_bad = split_errors(train_ds, "train data")
     val_ds, n_val, val_bad = split_errors(val_ds, "validation data")
     if n_train < cfg.workers:

@@ -173,3 +173,11 @@ def test_output_holding_another_models_run_is_refused(blobs_run, capsys):
             "--output", str(blobs_run["out"]), "--num-classes", "3"]
     assert main(args) == 2
     assert "holds a run of unet with 2 classes" in capsys.readouterr().err
+
+
+def test_train_cli_missing_data_is_one_line_before_ray_starts(tmp_path, capsys):
+    from rayseg.cli import main
+
+    assert main(["train", "--data", str(tmp_path / "nope"), "--val-data", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and len(err.strip().splitlines()) == 1
