@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from rayseg.evaluate import evaluate
 from rayseg.labelled import read_labelled, split_errors
-from rayseg.models import ModelCard, UNet, load_bundle, save_checkpoint
+from rayseg.models import ModelCard, UNet, save_checkpoint
 from rayseg.synth import write_archive
 from conftest import png_bytes, tar_bytes
 
