@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
+import os
 import sys
 import time
 import warnings
@@ -50,6 +51,8 @@ def ensure_ray(address: str | None, quiet: bool = False) -> None:
     """Join the cluster at --address / RAY_ADDRESS, or start Ray embedded in this process."""
     if ray.is_initialized():
         return
+    # "local" rather than None: ray.init() alone would quietly join whatever Ray already runs on this machine
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     ctx = ray.init(address=address, log_to_driver=not quiet, configure_logging=True, logging_level=logging.WARNING)
     log.info("Ray %s, resources %s", ray.__version__, {k: v for k, v in ray.cluster_resources().items() if "node:" not in k})
     del ctx

@@ -138,7 +138,12 @@ NODE_SCRIPT = textwrap.dedent(r'''
         while t.is_alive() and time.monotonic() < deadline and "removed" not in report:
             for raylet_pid, node in raylets.items():
                 import psutil
-                titles = [" ".join(c.cmdline()) for c in psutil.Process(raylet_pid).children(recursive=True) if c.is_running()]
+                titles = []
+                for c in psutil.Process(raylet_pid).children(recursive=True):
+                    try:  # a child may exit (or be a zombie) between listing and reading its title
+                        titles.append(" ".join(c.cmdline()))
+                    except psutil.Error:
+                        pass
                 if any(x.startswith("ray::") and "Predictor" in x for x in titles):
                     first_seen = first_seen or time.monotonic()
                     written = list((out / "images").glob("*.parquet")) if (out / "images").exists() else []
