@@ -110,6 +110,7 @@ def test_large_image_segment_bounded_memory_with_progress(ray_local, tmp_path, c
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # what a submitted job has: no terminal
     caplog.set_level(logging.INFO, logger="rayseg")
     out = tmp_path / "out"
+    baseline = sum(rss_of_tree().values())  # idle workers left by earlier tests in this session count here too
     meter = PeakRSS()
     meter.start()
     try:
@@ -124,10 +125,12 @@ def test_large_image_segment_bounded_memory_with_progress(ray_local, tmp_path, c
     mask = decode_png(row["mask_png"])
     assert (row["height"], row["width"]) == (3000, 4000) and mask.shape == (3000, 4000)
 
-    print(f"peak RSS during the run: all of Ray (raylet, GCS, workers; shared object-store pages counted per process) {meter.total / 2**20:.0f} MiB, largest process {meter.largest / 2**20:.0f} MiB")
-    # the image is 36 MB as RGB and 144 MB as float: the predictor must not hold many full-size copies, and the
-    # whole local cluster must stay well under what a laptop has
-    assert meter.total < 4 * 2**30 and meter.largest < 2 * 2**30  # measured here: 2.8 GiB and 1.4 GiB
+    growth = meter.total - baseline
+    print(f"peak RSS during the run: all of Ray (raylet, GCS, workers; shared object-store pages counted per process) {meter.total / 2**20:.0f} MiB, "
+          f"{growth / 2**20:.0f} MiB over the {baseline / 2**20:.0f} MiB before it; largest process {meter.largest / 2**20:.0f} MiB")
+    # the image is 36 MB as RGB and 144 MB as float: the predictor must not hold many full-size copies, and the run
+    # must add well under what a laptop has (the sum before it depends on how many idle workers earlier tests left)
+    assert growth < 3 * 2**30 and meter.largest < 2 * 2**30  # measured alone: 2.8 GiB total from ~0.5 GiB idle, 1.4 GiB largest
 
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
     ticks = [m for m in lines if "images done" in m]
