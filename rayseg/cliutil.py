@@ -120,3 +120,18 @@ def config_from_args(cls: type, ns: argparse.Namespace, config_file: str | None 
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(ns).items() if k in names})
     return config_from(cls, values)
+
+
+def add_command(sub, name: str, cls: type, run, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand whose flags are the fields of `cls`, plus `--config FILE.yaml`; `run(config) -> exit code`."""
+    p = sub.add_parser(name, help=help, description=description)
+    add_config_arguments(p, cls)
+    p.add_argument("--config", help="YAML file of options (same names as the flags); flags override it")
+    p.set_defaults(func=lambda args: run(config_from_args(cls, args, args.config)))
+    return p
+
+
+def print_summary(summary: dict, omit: tuple[str, ...] = ("config",)) -> int:
+    """The summary as one JSON line on stdout (jobs read it as their last line); the long parts left out."""
+    print(json.dumps({k: v for k, v in summary.items() if k not in omit}, default=str))
+    return 0

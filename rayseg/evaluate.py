@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rayseg import storage
-from rayseg.cliutil import add_config_arguments, config_from, config_from_args
+from rayseg.cliutil import add_command, config_from
 from rayseg.config import _f, actor_range
 from rayseg.errors import UserError
 from rayseg.metrics import ConfusionMatrix, confusion_matrix, format_table
@@ -124,15 +124,12 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("evaluate", help="score a checkpoint on labelled pairs: pixel accuracy, IoU, mIoU, Dice",
-                       description=__doc__.split("\n\n")[0])
-    add_config_arguments(p, EvalConfig)
-    p.add_argument("--config", help="YAML file of options (same names as the flags); flags override it")
-    p.set_defaults(func=_run)
+    add_command(sub, "evaluate", EvalConfig, _run,
+                help="score a checkpoint on labelled pairs: pixel accuracy, IoU, mIoU, Dice", description=__doc__.split("\n\n")[0])
 
 
-def _run(args) -> int:
-    result = evaluate(config_from_args(EvalConfig, args, args.config))
+def _run(cfg: EvalConfig) -> int:
+    result = evaluate(cfg)
     print(format_table(result, result["classes"]))
     print(f"\n{result['pairs']} pairs scored, {result['bad_pairs']} bad pair(s) skipped" + (f"; results in {result['config']['json']}" if result["config"]["json"] else ""))
     return 0

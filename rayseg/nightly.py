@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from rayseg import storage
-from rayseg.cliutil import add_config_arguments, config_from, config_from_args
+from rayseg.cliutil import add_command, config_from, print_summary
 from rayseg.config import SegmentConfig, _f
 from rayseg.errors import UserError
 
@@ -248,14 +248,5 @@ def _public_config(cfg: NightlyConfig) -> dict:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("nightly", help="segment only new or changed shards and commit each exactly once",
-                       description=__doc__.split("\n\n")[0])
-    add_config_arguments(p, NightlyConfig)
-    p.add_argument("--config", help="YAML file of options (same names as the flags); flags override it")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    summary = nightly(config_from_args(NightlyConfig, args, args.config))
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, default=str))
-    return 0
+    add_command(sub, "nightly", NightlyConfig, lambda cfg: print_summary(nightly(cfg)),
+                help="segment only new or changed shards and commit each exactly once", description=__doc__.split("\n\n")[0])

@@ -20,7 +20,7 @@ import warnings
 import ray
 
 from rayseg import progress, storage
-from rayseg.cliutil import add_config_arguments, config_from, config_from_args
+from rayseg.cliutil import add_command, config_from, print_summary
 from rayseg.config import SegmentConfig, actor_range
 from rayseg.decode import decode_batch
 from rayseg.errors import UserError
@@ -184,16 +184,5 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("segment", help="segment image shards into a Parquet table of masks and statistics",
-                       description=__doc__.split("\n\n")[0])
-    add_config_arguments(p, SegmentConfig)
-    p.add_argument("--config", help="YAML file of options (same names as the flags); flags override it")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    import json
-
-    summary = segment(config_from_args(SegmentConfig, args, args.config))
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "error_examples")}, default=str))
-    return 0
+    add_command(sub, "segment", SegmentConfig, lambda cfg: print_summary(segment(cfg), omit=("config", "error_examples")),
+                help="segment image shards into a Parquet table of masks and statistics", description=__doc__.split("\n\n")[0])

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from rayseg import storage
-from rayseg.cliutil import add_config_arguments, config_from, config_from_args
+from rayseg.cliutil import add_command, config_from, print_summary
 from rayseg.config import MODEL_NAMES, _f
 from rayseg.errors import UserError
 from rayseg.metrics import ConfusionMatrix, nan_to_none
@@ -436,14 +436,5 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a segmentation model on labelled pairs with Ray Train",
-                       description=__doc__.split("\n\n")[0])
-    add_config_arguments(p, TrainConfig)
-    p.add_argument("--config", help="YAML file of options (same names as the flags); flags override it")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    summary = train(config_from_args(TrainConfig, args, args.config))
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "history")}, default=str))
-    return 0
+    add_command(sub, "train", TrainConfig, lambda cfg: print_summary(train(cfg), omit=("config", "history")),
+                help="train a segmentation model on labelled pairs with Ray Train", description=__doc__.split("\n\n")[0])

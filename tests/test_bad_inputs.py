@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import struct
-import tarfile
 import zlib
 from pathlib import Path
 

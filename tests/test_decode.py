@@ -1,6 +1,5 @@
 import io
 
-import cv2
 import numpy as np
 import pytest
 from PIL import Image
