@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import logging
 import posixpath
-import tarfile
 from collections.abc import Iterator
 
 import cv2
@@ -22,7 +21,7 @@ import numpy as np
 
 from rayseg import storage
 from rayseg.decode import EMPTY, _ragged, decode
-from rayseg.shards import _reason, _tar_key
+from rayseg.shards import _reason, member_kinds, tar_samples
 from rayseg.storage import IMAGE_EXTS, filesystem
 
 log = logging.getLogger("rayseg")
@@ -62,37 +61,14 @@ def read_folder_pair(image_url: str, mask_url: str | None, storage_options: dict
 
 
 def read_tar_pairs(url: str, storage_options: dict) -> Iterator[dict]:
-    """Stream a tar shard; a sample is the run of adjacent members sharing a key (as WebDataset writes them)."""
-    key, members = None, {}
-
-    def flush():
-        image_id = f"{url}::{key}"
-        images = [e for e in members if e in IMAGE_EXTS]
-        if not images:
-            return pair(image_id, url, error=f"tar sample {key!r} has no image member (found {', '.join(sorted(members))})")
-        if MASK_EXT not in members:
-            return pair(image_id, url, error=f"mask missing: tar sample {key!r} has no {key}{MASK_EXT} member")
-        return pair(image_id, url, members[images[0]], mask=members[MASK_EXT])
-
-    try:
-        fs, path = filesystem(url, storage_options)
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = _tar_key(member.name)
-                if key is not None and k != key:
-                    yield flush()
-                    members = {}
-                key = k
-                extracted = tar.extractfile(member)
-                members[ext] = extracted.read() if extracted else b""
-        if key is not None:
-            yield flush()
-        else:
-            yield pair(url, url, error="tar shard holds no files")
-    except Exception as e:  # noqa: BLE001 - a broken shard is one error row; the samples before it stand
-        yield pair(f"{url}::{key or '#unreadable'}", url, error=f"tar shard is unreadable ({_reason(e)})")
+    """Stream a tar shard of `KEY.<image ext>` + `KEY.mask.png` samples (shards.tar_samples does the grouping)."""
+    for image_id, key, members, error in tar_samples(url, storage_options):
+        images = [e for e in members or () if e in IMAGE_EXTS]
+        if error is None and not images:
+            error = f"tar sample {key!r} has no image member (found {member_kinds(members)})"
+        if error is None and MASK_EXT not in members:
+            error = f"mask missing: tar sample {key!r} has no {key}{MASK_EXT} member"
+        yield pair(image_id, url, error=error) if error else pair(image_id, url, members[images[0]], mask=members[MASK_EXT])
 
 
 def read_h5_pairs(url: str, storage_options: dict, h5_key: str = "images", mask_key: str = "masks", chunk: int = 32) -> Iterator[dict]:

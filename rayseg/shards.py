@@ -53,24 +53,26 @@ def _unsafe_member(name: str) -> bool:
     return name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":")
 
 
-def read_tar(url: str, storage_options: dict) -> Iterator[dict]:
-    """Stream a tar shard member by member. Member names are only ever keys, never filesystem paths."""
+def tar_samples(url: str, storage_options: dict) -> Iterator[tuple[str, str | None, dict[str, bytes] | None, str | None]]:
+    """Stream a WebDataset tar shard as (image_id, key, {extension: bytes}, error) per sample.
+
+    A sample is the run of adjacent members sharing a key. Member names are only ever keys, never filesystem
+    paths; absolute or climbing names are refused. A key that comes back later is either more metadata for a
+    sample already given (skipped) or a second image under that key (its own sample, id `key#2`). A shard
+    that breaks part-way ends with one error naming how far it got; the samples before it stand.
+    """
     key, members = None, {}
-    seen: dict[str, int] = {}  # keys already given a row, and how often
+    seen: dict[str, int] = {}  # sample ids given so far, and how often
+
+    def sample_id(name: str) -> str:
+        n = seen.get(name, 0)
+        seen[name] = n + 1
+        return f"{url}::{name}" if n == 0 else f"{url}::{name}#{n + 1}"
 
     def flush():
-        # WebDataset keeps a sample's members together; a key that comes back later is either more metadata for
-        # a sample already given its row (nothing to add), or a second image under the same key (its own row).
-        image_exts = [e for e in members if e in IMAGE_EXTS]
-        n = seen.get(key, 0)
-        if n and not image_exts:
+        if seen.get(key) and not any(e in IMAGE_EXTS for e in members):
             return None
-        seen[key] = n + 1
-        image_id = f"{url}::{key}" if n == 0 else f"{url}::{key}#{n + 1}"
-        if not image_exts:
-            kinds = ", ".join(sorted(e or "a member without extension" for e in members)) or "nothing"
-            return row(image_id, url, error=f"tar sample {key!r} has no image member (found {kinds})")
-        return row(image_id, url, data=members[image_exts[0]])
+        return sample_id(key), key, members, None
 
     count = 0
     try:
@@ -79,34 +81,39 @@ def read_tar(url: str, storage_options: dict) -> Iterator[dict]:
             for member in tar:
                 if not member.isfile():
                     continue
-                if _unsafe_member(member.name):
-                    if key is not None and (r := flush()) is not None:
-                        yield r
-                    key, members = None, {}
-                    n = seen.get(member.name, 0)
-                    seen[member.name] = n + 1
-                    yield row(f"{url}::{member.name}" + (f"#{n + 1}" if n else ""), url,
-                              error=f"tar member {member.name!r} has an unsafe path (absolute or with '..'); it was refused, not read")
+                k, ext = (None, None) if _unsafe_member(member.name) else _tar_key(member.name)
+                if key is not None and k != key and (done := flush()) is not None:
+                    yield done
+                if k is None:
                     count += 1
+                    key, members = None, {}
+                    yield sample_id(member.name), None, None, f"tar member {member.name!r} has an unsafe path (absolute or with '..'); it was refused, not read"
                     continue
-                k, ext = _tar_key(member.name)
-                if k != key and key is not None:
-                    if (r := flush()) is not None:
-                        yield r
-                    members = {}
-                key = k
+                if k != key:
+                    key, members = k, {}
                 extracted = tar.extractfile(member)
                 members[ext] = extracted.read() if extracted else b""
-                count += 1
-        if key is not None:
-            if (r := flush()) is not None:
-                yield r
+                count += 1  # members read whole: what "after N members" counts when the shard breaks
+        if key is not None and (done := flush()) is not None:
+            yield done
         elif count == 0:
-            yield row(url, url, error="tar shard holds no files")
+            yield url, None, None, "tar shard holds no files"
     except Exception as e:  # noqa: BLE001 - a broken shard becomes an error row, the samples before it stand
         where = f"after {count} member{'s' if count > 1 else ''}" if count else "at its start"
         pending = f"{url}::{key}" if key is not None else f"{url}::#unreadable"
-        yield row(pending, url, error=f"tar shard is unreadable {where} ({_reason(e)})")
+        yield pending, key, None, f"tar shard is unreadable {where} ({_reason(e)})"
+
+
+def member_kinds(members: dict[str, bytes]) -> str:
+    return ", ".join(sorted(e or "a member without extension" for e in members)) or "nothing"
+
+
+def read_tar(url: str, storage_options: dict) -> Iterator[dict]:
+    for image_id, key, members, error in tar_samples(url, storage_options):
+        images = [e for e in members or () if e in IMAGE_EXTS]
+        if error is None and not images:
+            error = f"tar sample {key!r} has no image member (found {member_kinds(members)})"
+        yield row(image_id, url, error=error) if error else row(image_id, url, data=members[images[0]])
 
 
 def read_h5(url: str, storage_options: dict, h5_key: str = "images", chunk: int = 32) -> Iterator[dict]:
