@@ -98,7 +98,7 @@ def write_objects(images_path: str, objects_path: str, filesystem) -> None:
     """The second pass: OUT/images [image_id, objects] -> OUT/objects/*.parquet, streaming, on the cluster."""
     import ray
 
-    ds = ray.data.read_parquet(images_path, filesystem=filesystem, columns=["image_id", "objects"])
+    ds = ray.data.read_parquet(images_path, filesystem=filesystem).select_columns(["image_id", "objects"])
     ds.map_batches(explode, batch_format="pyarrow", batch_size=None).write_parquet(objects_path, filesystem=filesystem)
     # Ray writes no file for empty blocks; with no object at all, leave one empty file so that
     # `read_parquet('OUT/objects/*.parquet')` in DuckDB finds the table (with no rows) instead of failing.
