@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from rayseg.errors import UserError
 
@@ -62,6 +62,13 @@ class SegmentConfig(ModelConfig):
             raise UserError("--overlap must be in [0, 1)")
         if self.actors:
             actor_range(self.actors)
+
+
+def public_config(cfg) -> dict:
+    """A config as a dict that is safe to log, write or hand to workers: credentials in storage options redacted."""
+    from rayseg.storage import redact
+
+    return {**asdict(cfg), "storage_options": redact(cfg.storage_options)}
 
 
 def actor_range(text: str) -> tuple[int, int]:

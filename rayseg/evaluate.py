@@ -9,7 +9,6 @@ integers, so the scores equal those of one process looping over the same images.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -20,7 +19,7 @@ import numpy as np
 
 from rayseg import storage
 from rayseg.cliutil import add_command, config_from
-from rayseg.config import _f, actor_range
+from rayseg.config import _f, actor_range, public_config
 from rayseg.errors import UserError
 from rayseg.metrics import ConfusionMatrix, confusion_matrix, format_table
 
@@ -114,7 +113,7 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
         "ignored_files": ignored,
         **cm.to_json_dict(),
         "confusion_matrix": cm.matrix.tolist(),
-        "config": {**dataclasses.asdict(cfg), "storage_options": storage.redact(so)},
+        "config": public_config(cfg),
         "elapsed_s": round(time.perf_counter() - t0, 3),
         "rayseg_version": __import__("rayseg").__version__,
     }

@@ -21,7 +21,6 @@ until the shard or the model changes.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 
 from rayseg import storage
 from rayseg.cliutil import add_command, config_from, print_summary
-from rayseg.config import SegmentConfig, _f
+from rayseg.config import SegmentConfig, _f, public_config
 from rayseg.errors import UserError
 
 log = logging.getLogger("rayseg")
@@ -229,7 +228,7 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
         "model": bundle.label,
         "model_digest": bundle.digest,
         "cluster": cluster,
-        "config": _public_config(cfg),
+        "config": {k: v for k, v in public_config(cfg).items() if k != "overwrite"},  # nightly has no overwrite
         "started_at": started.isoformat(),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "elapsed_s": round(time.perf_counter() - t0, 3),
@@ -237,14 +236,6 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
     }
     storage.write_json(storage.join(cfg.output, RUNS_DIR, f"{run_id}.json"), summary, so)
     return summary
-
-
-def _public_config(cfg: NightlyConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    d.pop("overwrite")
-    d["storage_options"] = storage.redact(cfg.storage_options)
-    d["inputs"] = list(cfg.inputs)
-    return d
 
 
 def register(sub) -> None:

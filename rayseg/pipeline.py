@@ -9,7 +9,6 @@ then OUT/_rayseg.json last: its presence means the run finished. Rows land in OU
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import logging
 import os
@@ -21,7 +20,7 @@ import ray
 
 from rayseg import progress, storage
 from rayseg.cliutil import add_command, config_from, print_summary
-from rayseg.config import SegmentConfig, actor_range
+from rayseg.config import SegmentConfig, actor_range, public_config
 from rayseg.decode import decode_batch
 from rayseg.errors import UserError
 from rayseg.models import ModelBundle, load_bundle
@@ -102,13 +101,6 @@ def build_plan(cfg: SegmentConfig, shards: list[storage.Shard], bundle: ModelBun
     ds = ds.map_batches(encode_batch, batch_size=cfg.batch_size, fn_kwargs=encode_kw, num_cpus=ENCODE_CPUS) if counter is None else \
         ds.map_batches(progress.encode_counted, batch_size=cfg.batch_size, fn_kwargs={**encode_kw, "counter": counter}, num_cpus=ENCODE_CPUS)
     return ds
-
-
-def public_config(cfg: SegmentConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    d["storage_options"] = storage.redact(cfg.storage_options)
-    d["inputs"] = list(cfg.inputs)
-    return d
 
 
 def count_output(url: str, storage_options: dict) -> tuple[int, int, list[dict]]:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from rayseg import storage
 from rayseg.cliutil import add_command, config_from, print_summary
-from rayseg.config import MODEL_NAMES, _f
+from rayseg.config import MODEL_NAMES, _f, public_config
 from rayseg.errors import UserError
 from rayseg.metrics import ConfusionMatrix, nan_to_none
 from rayseg.models import CARD_FILE, IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_FILE, ModelCard
@@ -287,12 +287,6 @@ def train_loop(loop: dict) -> None:
 
 
 # ---- the driver ---------------------------------------------------------------------------------------
-
-
-def public_config(cfg: TrainConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    d["storage_options"] = storage.redact(cfg.storage_options)
-    return d
 
 
 def publish_best(checkpoint, output: str, storage_options: dict) -> str:
