@@ -20,6 +20,7 @@ import numpy as np
 from rayseg import storage
 from rayseg.cliutil import add_command, config_from
 from rayseg.config import _f, actor_range, public_config
+from rayseg.decode import errors_of
 from rayseg.errors import UserError
 from rayseg.metrics import ConfusionMatrix, confusion_matrix, format_table
 
@@ -55,7 +56,7 @@ class EvalConfig:
 
 def confusion_batch(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
     """Ray Data stage: a batch of predicted + target masks -> one row: its confusion matrix and its bad pairs."""
-    errors = [e if isinstance(e, str) else None for e in batch["error"]]
+    errors = errors_of(batch)
     matrix = np.zeros((num_classes, num_classes), np.int64)
     bad = []
     for image_id, error, pred, target in zip(batch["image_id"], errors, batch["mask"], batch["target"]):

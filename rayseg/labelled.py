@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from rayseg import storage
-from rayseg.decode import EMPTY, _ragged, decode
+from rayseg.decode import EMPTY, _ragged, decode, errors_of
 from rayseg.shards import _reason, member_kinds, tar_samples
 from rayseg.storage import IMAGE_EXTS, filesystem
 
@@ -121,12 +121,6 @@ def read_pair_units(batch: dict[str, np.ndarray], storage_options: dict, h5_key:
 
 
 # ---- decoding ---------------------------------------------------------------------------------------
-
-
-def errors_of(batch: dict[str, np.ndarray]) -> list[str | None]:
-    """The `error` column as str | None: a block of good rows stores it with Arrow's null type, which Ray
-    hands to the next stage as float NaN."""
-    return [e if isinstance(e, str) else None for e in batch["error"]]
 
 
 def decode_mask(data: bytes, fmt: str) -> np.ndarray:

@@ -52,9 +52,8 @@ def ensure_ray(address: str | None, quiet: bool = False) -> None:
         return
     # "local" rather than None: ray.init() alone would quietly join whatever Ray already runs on this machine
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ctx = ray.init(address=address, log_to_driver=not quiet, configure_logging=True, logging_level=logging.WARNING)
+    ray.init(address=address, log_to_driver=not quiet, configure_logging=True, logging_level=logging.WARNING)
     log.info("Ray %s, resources %s", ray.__version__, {k: v for k, v in ray.cluster_resources().items() if "node:" not in k})
-    del ctx
 
 
 def actor_plan(cfg: SegmentConfig) -> tuple[tuple[int, int], dict, int]:

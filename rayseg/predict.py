@@ -8,7 +8,6 @@ are blended with Gaussian weights (as nnU-Net does), so memory is bounded by the
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,7 +217,3 @@ class Predictor:
             out["confidence"] = confmaps
         out["model"] = np.array([self.label] * n, dtype=object)
         return out
-
-
-def default_threads() -> int:
-    return max(1, int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1))
