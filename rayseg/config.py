@@ -34,7 +34,8 @@ class SegmentConfig(ModelConfig):
     h5_key: str = _f("images", "HDF5 dataset holding the images")
     image_column: str = _f("image", "Parquet column holding encoded image bytes")
     batch_size: int = _f(16, "images per model batch")
-    actors: str = _f("", "predictor actor pool size MIN:MAX (default: one per GPU, else 1)")
+    actors: str = _f("", "predictor actor pool size MIN:MAX (default: one per GPU, else one per --threads CPUs)")
+    threads: int | None = _f(None, "torch threads per CPU predictor actor (default: 1, or the CPUs / --actors)")
     device: str = _f("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16", choices=("auto", "fp32", "bf16", "fp16"))
     mask_format: str = _f("png", "png, rle or both", choices=("png", "rle", "both"))
@@ -62,6 +63,8 @@ class SegmentConfig(ModelConfig):
             raise UserError("--overlap must be in [0, 1)")
         if self.actors:
             actor_range(self.actors)
+        if self.threads is not None and self.threads < 1:
+            raise UserError("--threads must be at least 1")
 
 
 def public_config(cfg) -> dict:

@@ -33,7 +33,8 @@ class EvalConfig:
     data: tuple[str, ...] = _f((), "labelled data: HDF5/tar shards or folders with images/ and masks/")
     json: str | None = _f(None, "also write the results as JSON to this URL")
     batch_size: int = _f(16, "images per model batch")
-    actors: str = _f("", "predictor actor pool size MIN:MAX (default: one per GPU, else 1)")
+    actors: str = _f("", "predictor actor pool size MIN:MAX (default: one per GPU, else one per --threads CPUs)")
+    threads: int | None = _f(None, "torch threads per CPU predictor actor (default: 1, or the CPUs / --actors)")
     device: str = _f("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16", choices=("auto", "fp32", "bf16", "fp16"))
     h5_key: str = _f("images", "HDF5 dataset holding the images")
@@ -73,7 +74,7 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
 
     from rayseg.labelled import find_pairs, read_labelled
     from rayseg.models import load_bundle
-    from rayseg.pipeline import actor_plan, ensure_ray
+    from rayseg.pipeline import DECODE_CPUS, ENCODE_CPUS, READ_CPUS, actor_plan, ensure_ray
     from rayseg.predict import PredictOptions, Predictor
 
     cfg = config if config is not None else config_from(EvalConfig, kwargs)
@@ -86,10 +87,11 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
 
     pool, resources, threads = actor_plan(cfg)
     opts = PredictOptions(device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size, threads=threads)
-    ds, _ = read_labelled(cfg.data, k, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels, cfg.batch_size, units=units)
+    ds, _ = read_labelled(cfg.data, k, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels, cfg.batch_size, units=units,
+                          stage_cpus=(READ_CPUS, DECODE_CPUS))  # fractions: whole CPUs would wait for the actors to finish
     ds = ds.map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_args=(bundle, opts),
                         compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **resources)
-    ds = ds.map_batches(confusion_batch, batch_size=cfg.batch_size, fn_kwargs={"num_classes": k})
+    ds = ds.map_batches(confusion_batch, batch_size=cfg.batch_size, fn_kwargs={"num_classes": k}, num_cpus=ENCODE_CPUS)
 
     cm, pairs, bad = ConfusionMatrix(k, ignore_index=None), 0, []
     for row in ds.iter_rows():

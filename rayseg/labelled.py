@@ -225,16 +225,19 @@ def find_pairs(inputs, storage_options: dict | None = None) -> tuple[list[dict],
 
 
 def read_labelled(inputs, num_classes: int, storage_options: dict | None = None, h5_key: str = "images",
-                  mask_key: str = "masks", max_pixels: int = 100_000_000, batch_size: int = 16, units: list[dict] | None = None):
-    """(Ray Dataset of decoded pair rows, ignored URLs). `units` from find_pairs saves discovering `inputs` again."""
+                  mask_key: str = "masks", max_pixels: int = 100_000_000, batch_size: int = 16, units: list[dict] | None = None,
+                  stage_cpus: tuple[float, float] = (1, 1)):
+    """(Ray Dataset of decoded pair rows, ignored URLs). `units` from find_pairs saves discovering `inputs` again;
+    `stage_cpus` are the Ray CPUs of the read and decode tasks (fractions where predictor actors run beside them)."""
     import ray
 
     ignored: list[str] = []
     if units is None:
         units, ignored = find_pairs(inputs, storage_options)
     ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds = ds.map_batches(read_pair_units, batch_size=1, fn_kwargs={"storage_options": storage_options or {}, "h5_key": h5_key, "mask_key": mask_key})
-    ds = ds.map_batches(decode_pairs, batch_size=batch_size, fn_kwargs={"num_classes": num_classes, "max_pixels": max_pixels})
+    ds = ds.map_batches(read_pair_units, batch_size=1, fn_kwargs={"storage_options": storage_options or {}, "h5_key": h5_key, "mask_key": mask_key},
+                        num_cpus=stage_cpus[0])
+    ds = ds.map_batches(decode_pairs, batch_size=batch_size, fn_kwargs={"num_classes": num_classes, "max_pixels": max_pixels}, num_cpus=stage_cpus[1])
     return ds, ignored
 
 

@@ -163,6 +163,40 @@ class ModelBundle:
         return model.eval()
 
 
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """An eval-mode model with every BatchNorm that follows a convolution folded into that convolution's weights.
+
+    The same function, computed with one op less per layer: on CPU a fifth less time for lraspp_mobilenet_v3_large
+    (docs/PERFORMANCE.md), outputs equal to float rounding. torch.fx finds conv->bn pairs anywhere (ResNet keeps
+    them as attributes); a model fx cannot trace (the UNet pads by input size) gets its pairs folded where they
+    sit next to each other in an nn.Sequential. The original model is left untouched.
+    """
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = model.eval()
+    try:
+        return fuse(model)
+    except Exception:  # noqa: BLE001 - fx raises several types for untraceable control flow
+        pass
+    model = copy.deepcopy(model)
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
+                seq[i], seq[i + 1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
+    return model
+
+
+def for_inference(model: nn.Module, device: torch.device, compile: bool = False) -> nn.Module:
+    """The model as rayseg runs it: batch norm folded, channels_last on the device, optionally torch.compile'd.
+    The predictor and every row of `rayseg bench` use this, so bench's ratios compare like with like."""
+    model = fold_batch_norm(model).to(device, memory_format=torch.channels_last)
+    return torch.compile(model) if compile else model
+
+
 def save_checkpoint(model: nn.Module, card: ModelCard, url: str, storage_options: dict | None = None) -> str:
     """Write model.pt and model.json under `url`; returns the digest."""
     from rayseg import __version__

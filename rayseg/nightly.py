@@ -181,7 +181,7 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
     if pending:
         import ray
 
-        from rayseg.pipeline import build_plan, ensure_ray
+        from rayseg.pipeline import ENCODE_CPUS, WRITE_ARGS, build_plan, ensure_ray
 
         ensure_ray(cfg.address, cfg.quiet)
         ray.data.DataContext.get_current().enable_progress_bars = not cfg.quiet and sys.stderr.isatty()
@@ -189,8 +189,9 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
         cluster = {"nodes": sum(n["Alive"] for n in ray.nodes()), "CPU": res.get("CPU", 0), "GPU": res.get("GPU", 0)}
         pa_fs, staging = storage.pyarrow_filesystem(storage.join(cfg.output, STAGING_DIR, run_id), so)
         # One plan for all pending shards; rows land in one folder per shard, so each shard commits on its own.
-        ds = build_plan(cfg, pending, bundle).map_batches(_with_shard_key, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-        ds.write_parquet(staging, filesystem=pa_fs, partition_cols=[KEY_COLUMN])
+        ds = build_plan(cfg, pending, bundle).map_batches(_with_shard_key, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                                                          num_cpus=ENCODE_CPUS)  # fuses with encode and the write
+        ds.write_parquet(staging, filesystem=pa_fs, partition_cols=[KEY_COLUMN], ray_remote_args=WRITE_ARGS)
 
         fs, images = storage.filesystem(storage.join(cfg.output, IMAGES_DIR), so)
         fs.makedirs(images, exist_ok=True)

@@ -46,37 +46,57 @@ def work_units(shards: list[storage.Shard]) -> list[dict]:
     return units
 
 
+# Ray kills an idle worker process after 1 s once a node has more workers than CPUs, and the predictor actors are
+# workers too: with one actor per core every read/decode/encode worker was over the limit, so workers were killed
+# between tasks and started again (11 worker starts instead of 3 for 2,000 images, ~1.3 CPU s each; PERFORMANCE.md).
+# A cluster sets the same through RAY_num_workers_soft_limit (cluster/).
+LOCAL_SYSTEM_CONFIG = {"num_workers_soft_limit": 4 * (os.cpu_count() or 1) + 4}
+
+
 def ensure_ray(address: str | None, quiet: bool = False) -> None:
     """Join the cluster at --address / RAY_ADDRESS, or start Ray embedded in this process."""
     if ray.is_initialized():
         return
     # "local" rather than None: ray.init() alone would quietly join whatever Ray already runs on this machine
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, log_to_driver=not quiet, configure_logging=True, logging_level=logging.WARNING)
+    extra = {"_system_config": LOCAL_SYSTEM_CONFIG} if address == "local" else {}
+    ray.init(address=address, log_to_driver=not quiet, configure_logging=True, logging_level=logging.WARNING, **extra)
     log.info("Ray %s, resources %s", ray.__version__, {k: v for k, v in ray.cluster_resources().items() if "node:" not in k})
 
 
-def actor_plan(cfg: SegmentConfig) -> tuple[tuple[int, int], dict, int]:
-    """(pool min:max, ray resources per actor, torch threads per actor) from the cluster's resources."""
+# What a CPU predictor actor reserves, per torch thread: a core's worth would leave no logical CPU for the light
+# stages on a small machine, and Ray's CPUs are only a scheduling budget, so the actors take 3/4 of theirs and the
+# OS shares the cores.
+CPU_ACTOR_SHARE = 0.75
+
+
+def actor_plan(cfg) -> tuple[tuple[int, int], dict, int]:
+    """(pool min:max, ray resources per actor, torch threads per actor) from the cluster's resources.
+
+    On GPUs: one actor per GPU. On CPUs: one single-threaded actor per core (`--threads N`: one per N cores), all
+    started at once. Independent models on separate cores beat one model spread over them with intra-op
+    threads: no barrier between the cores, and while one actor encodes its batch the others compute
+    (docs/PERFORMANCE.md). `--actors` fixes the pool; each then gets an equal share of the cores.
+    """
     res = ray.cluster_resources()
-    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
+    gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
     if use_gpu:
         pool = actor_range(cfg.actors) if cfg.actors else (1, max(1, gpus))
         return pool, {"num_gpus": 1, "num_cpus": 1}, 1
-    pool = actor_range(cfg.actors) if cfg.actors else (1, 1)
-    # A CPU actor reserves one CPU so decode/encode tasks keep the rest; torch may use more threads than it
-    # reserves, since the forward pass is the bottleneck and the other stages are light. One actor with every
-    # core beat two single-threaded ones on 2 cores (docs/PERFORMANCE.md).
-    threads = max(1, cpus // pool[1])
-    return pool, {"num_cpus": 1}, threads
+    threads = cfg.threads or (max(1, cpus // actor_range(cfg.actors)[1]) if cfg.actors else 1)
+    pool = actor_range(cfg.actors) if cfg.actors else (max(1, cpus // threads),) * 2
+    return pool, {"num_cpus": round(CPU_ACTOR_SHARE * min(threads, cpus / pool[1]), 4)}, threads
 
 
-# Ray resources of the light stages. They must differ from each other and from the actor's (1 CPU): Ray Data
-# fuses neighbouring stages with equal resources, and a fused stage takes its input in bundles of its largest
-# batch size, so read fused with decode got 16 shards in ONE task (no streaming, memory growing with the
-# archive), and decode fused into the actor ran serially with the model. Fractions let them run beside it.
-READ_CPUS, DECODE_CPUS, ENCODE_CPUS = 0.25, 0.5, 0.5
+# Ray resources of the light stages: fractions, so they run beside the actors. Read and decode must differ from each
+# other and from the actor's: Ray Data fuses neighbouring stages with equal resources, and a fused stage takes its
+# input in bundles of its largest batch size, so read fused with decode got 16 shards in ONE task (no streaming,
+# memory growing with the archive), and decode fused into the actor ran serially with the model. Encode and the
+# Parquet write are equal on purpose: they fuse into one task, so an encoded batch is written where it was made
+# (the writer's default of 1 CPU also left it starved by the actors' reservations until the last batch).
+READ_CPUS, DECODE_CPUS, ENCODE_CPUS = 0.125, 0.25, 0.25
+WRITE_ARGS = {"num_cpus": ENCODE_CPUS}
 
 
 def build_plan(cfg: SegmentConfig, shards: list[storage.Shard], bundle: ModelBundle, counter=None):
@@ -142,7 +162,7 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
     pa_fs, images_path = storage.pyarrow_filesystem(images_url, so)
     reporter = progress.Reporter(len(work_units(shards))) if progress.wants_log_lines(cfg.quiet) else None
     with reporter or contextlib.nullcontext():
-        build_plan(cfg, shards, bundle, reporter and reporter.counter).write_parquet(images_path, filesystem=pa_fs)
+        build_plan(cfg, shards, bundle, reporter and reporter.counter).write_parquet(images_path, filesystem=pa_fs, ray_remote_args=WRITE_ARGS)
         rows, errors, examples = storage.retry(count_output, images_url, so, what="reading the output back")
         if reporter:
             reporter.finish(rows)

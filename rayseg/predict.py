@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from rayseg.decode import errors_of
-from rayseg.models import ModelBundle
+from rayseg.models import ModelBundle, for_inference
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,7 @@ class Predictor:
         self.amp = autocast_dtype(self.device, options.precision)
         self.card = bundle.card
         self.size = bundle.card.input_size
-        self.model = bundle.build().to(self.device, memory_format=torch.channels_last)
-        if options.compile:
-            self.model = torch.compile(self.model)
+        self.model = for_inference(bundle.build(), self.device, options.compile)
         self.mean = torch.tensor(self.card.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(self.card.std, device=self.device).view(1, 3, 1, 1) * 255
         self.label = bundle.label

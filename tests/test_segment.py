@@ -168,3 +168,25 @@ def test_pretrained_weights_offline_fail_with_one_sentence(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "could not load torchvision weights" in err[0]
+
+
+def test_cpu_actor_plan_uses_every_core_and_leaves_room_for_the_light_stages(ray_local):
+    from rayseg.config import SegmentConfig
+    from rayseg.pipeline import DECODE_CPUS, ENCODE_CPUS, READ_CPUS, actor_plan
+
+    cpus = ray_local.cluster_resources()["CPU"]
+    assert cpus == 2
+
+    def plan(**kw):
+        return actor_plan(SegmentConfig(inputs=("x",), output="y", device="cpu", **kw))
+
+    pool, res, threads = plan()
+    assert pool == (2, 2) and threads == 1  # one single-threaded model per core
+    assert pool[1] * res["num_cpus"] + READ_CPUS + DECODE_CPUS <= cpus  # read and decode can run beside all of them
+    assert ENCODE_CPUS <= cpus - pool[1] * res["num_cpus"]
+    pool, res, threads = plan(actors="1")
+    assert pool == (1, 1) and threads == 2 and res["num_cpus"] <= cpus - READ_CPUS - DECODE_CPUS
+    pool, res, threads = plan(threads=2)
+    assert pool == (1, 1) and threads == 2
+    pool, res, threads = plan(actors="4")  # more actors than cores: each a smaller share, still within the machine
+    assert pool == (4, 4) and threads == 1 and 4 * res["num_cpus"] < cpus

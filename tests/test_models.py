@@ -1,0 +1,52 @@
+"""The model as the predictor runs it: batch norm folded into the convolutions, same outputs, original untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rayseg.models import build_model, fold_batch_norm, for_inference
+
+
+def _with_real_statistics(model: nn.Module) -> nn.Module:
+    """Fresh BatchNorms are the identity (mean 0, var 1, weight 1, bias 0); give them values a trained model has."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(c, generator=g) - 0.5)
+    return model.eval()
+
+
+def batch_norms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+# unet: not traceable by torch.fx (pads by input size), folded through its nn.Sequential blocks;
+# the torchvision models go through torch.fx
+@pytest.mark.parametrize("architecture", ["unet", "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"])
+def test_folding_keeps_the_outputs_and_removes_every_batch_norm(architecture):
+    torch.manual_seed(0)
+    model = _with_real_statistics(build_model(architecture, 3))
+    before = batch_norms(model)
+    folded = fold_batch_norm(model)
+    assert before > 0 and batch_norms(folded) == 0
+    assert batch_norms(model) == before  # the caller's model is not changed
+    x = torch.randn(2, 3, 72, 88)  # not the size anything was built for: the folded model is not tied to one shape
+    with torch.inference_mode():
+        want, got = model(x), folded(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert (got.argmax(1) == want.argmax(1)).float().mean() > 0.999
+
+
+def test_for_inference_is_channels_last_and_eval():
+    model = for_inference(build_model("pointwise", 2).train(), torch.device("cpu"))
+    assert not model.training
+    x = torch.randn(1, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert model(x).shape == (1, 2, 8, 8)
