@@ -3,7 +3,8 @@
     rayseg segment 'images/*.png' shards/*.tar s3://bucket/archive/ --output out/ --checkpoint runs/x/best
 
 discover -> read (tasks) -> decode (tasks) -> predict (actor pool) -> encode + stats (tasks) -> write Parquet,
-then OUT/_rayseg.json last: its presence means the run finished. Rows land in OUT/images/.
+then OUT/_rayseg.json last: its presence means the run finished. Rows land in OUT/images/. On CPUs decode,
+predict and encode share one actor per core (`Segmenter`).
 """
 
 from __future__ import annotations
@@ -99,24 +100,49 @@ READ_CPUS, DECODE_CPUS, ENCODE_CPUS = 0.125, 0.25, 0.25
 WRITE_ARGS = {"num_cpus": ENCODE_CPUS}
 
 
+class Segmenter:
+    """The CPU plan's one stage: decode, predict and encode in the actor that holds the model.
+
+    On CPUs every core runs a model, so a decode or encode task could only take a core from one; done in the
+    actor, each image skips two object-store hops (the decoded image, the mask) and the task workers that
+    carried them (docs/PERFORMANCE.md). On a GPU the actor's one CPU must keep the device fed, so there decode and
+    encode stay parallel tasks.
+    """
+
+    def __init__(self, bundle: ModelBundle, opts: PredictOptions, max_pixels: int, encode_kw: dict, counter=None):
+        self.predictor = Predictor(bundle, opts)
+        self.max_pixels, self.encode_kw, self.counter = max_pixels, encode_kw, counter
+
+    def __call__(self, batch: dict):
+        rows = self.predictor(decode_batch(batch, self.max_pixels))
+        if self.counter is None:
+            return encode_batch(rows, **self.encode_kw)
+        return progress.encode_counted(rows, self.counter, **self.encode_kw)
+
+
 def build_plan(cfg: SegmentConfig, shards: list[storage.Shard], bundle: ModelBundle, counter=None):
     """The whole Ray Data plan as one dataset of output rows (pyarrow tables with stats.SCHEMA).
 
+    GPU: read (tasks) -> decode (tasks) -> predict (one actor per GPU) -> encode (tasks).
+    CPU: read (tasks) -> decode + predict + encode (one actor per core, `Segmenter`).
     With --objects the rows carry an extra `objects` column; `counter` (a progress.Counter) gets what the
     read and encode stages finish.
     """
     pool, resources, threads = actor_plan(cfg)
     opts = PredictOptions(device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size, tile=cfg.tile,
                           overlap=cfg.overlap, tta=cfg.tta, compile=cfg.compile, confidence_map=cfg.objects, threads=threads)
+    actors = ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1])
     units = work_units(shards)
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     read_kw = {"storage_options": cfg.storage_options, "h5_key": cfg.h5_key, "image_column": cfg.image_column}
     ds = ds.map_batches(read_units, batch_size=1, fn_kwargs=read_kw, num_cpus=READ_CPUS) if counter is None else \
         ds.map_batches(progress.read_counted, batch_size=1, fn_kwargs={**read_kw, "counter": counter}, num_cpus=READ_CPUS)
-    ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, fn_kwargs={"max_pixels": cfg.max_pixels}, num_cpus=DECODE_CPUS)
-    ds = ds.map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_args=(bundle, opts),
-                        compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **resources)
     encode_kw = {"num_classes": bundle.card.num_classes, "mask_format": cfg.mask_format, "objects": cfg.objects, "min_area": cfg.min_area}
+    if "num_gpus" not in resources:
+        return ds.map_batches(Segmenter, batch_size=cfg.batch_size, fn_constructor_args=(bundle, opts, cfg.max_pixels, encode_kw, counter),
+                              compute=actors, **resources)
+    ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, fn_kwargs={"max_pixels": cfg.max_pixels}, num_cpus=DECODE_CPUS)
+    ds = ds.map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_args=(bundle, opts), compute=actors, **resources)
     ds = ds.map_batches(encode_batch, batch_size=cfg.batch_size, fn_kwargs=encode_kw, num_cpus=ENCODE_CPUS) if counter is None else \
         ds.map_batches(progress.encode_counted, batch_size=cfg.batch_size, fn_kwargs={**encode_kw, "counter": counter}, num_cpus=ENCODE_CPUS)
     return ds

@@ -53,8 +53,15 @@ def assert_exactly_once(out: Path, expected_ids: list[str]) -> pd.DataFrame:
     return df
 
 
+MODEL_ACTORS = ("MapBatches(Predictor)", "MapBatches(Segmenter)")  # the GPU plan's model stage, the CPU plan's
+
+
+def is_model_actor(title: str) -> bool:
+    return title.startswith("ray::") and any(a in title for a in MODEL_ACTORS)
+
+
 def predictor_workers(ray_mod) -> list[psutil.Process]:
-    """Worker processes of *this* Ray session (children of its raylet) whose title names the Predictor actor."""
+    """Worker processes of *this* Ray session (children of its raylet) whose title names the model's actor."""
     from ray._private import ray_constants
 
     raylet = ray_mod._private.worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
@@ -64,7 +71,7 @@ def predictor_workers(ray_mod) -> list[psutil.Process]:
             title = " ".join(p.cmdline())
         except psutil.Error:
             continue
-        if title.startswith("ray::") and "Predictor" in title:
+        if is_model_actor(title):
             found.append(p)
     return found
 
@@ -117,7 +124,7 @@ NODE_SCRIPT = textwrap.dedent(r'''
 
     inp, out = sys.argv[1], Path(sys.argv[2])
     # head without CPUs, so all work lands on the workers; 2 CPUs per worker so that after one is gone the other
-    # still fits the predictor actor (1 CPU) plus the encode/write tasks
+    # still fits model actors (3/4 CPU each) plus the read/write tasks
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 150 * 2**20,
                                                             "include_dashboard": False})
     workers = [cluster.add_node(num_cpus=2, object_store_memory=150 * 2**20) for _ in range(2)]
@@ -144,7 +151,7 @@ NODE_SCRIPT = textwrap.dedent(r'''
                         titles.append(" ".join(c.cmdline()))
                     except psutil.Error:
                         pass
-                if any(x.startswith("ray::") and "Predictor" in x for x in titles):
+                if any(x.startswith("ray::") and ("MapBatches(Predictor)" in x or "MapBatches(Segmenter)" in x) for x in titles):
                     first_seen = first_seen or time.monotonic()
                     written = list((out / "images").glob("*.parquet")) if (out / "images").exists() else []
                     if written or time.monotonic() - first_seen > 20:
