@@ -96,7 +96,10 @@ def actor_plan(cfg) -> tuple[tuple[int, int], dict, int]:
 # memory growing with the archive), and decode fused into the actor ran serially with the model. Encode and the
 # Parquet write are equal on purpose: they fuse into one task, so an encoded batch is written where it was made
 # (the writer's default of 1 CPU also left it starved by the actors' reservations until the last batch).
-READ_CPUS, DECODE_CPUS, ENCODE_CPUS = 0.125, 0.25, 0.25
+# Read at 0.2 rather than less: beside one CPU actor per core on 2 cores that is two reads, or a read and a write, at
+# a time, which keeps the models fed; 0.125 ran four reads, read ahead further and kept more worker processes,
+# and peak memory grew 1.27-1.28x from 200 to 2,000 images instead of 1.14-1.22x (docs/PERFORMANCE.md).
+READ_CPUS, DECODE_CPUS, ENCODE_CPUS = 0.2, 0.25, 0.25
 WRITE_ARGS = {"num_cpus": ENCODE_CPUS}
 
 
