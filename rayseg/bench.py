@@ -505,7 +505,7 @@ def run(cfg: BenchConfig) -> dict:
             tag = f"round {i + 1}/{cfg.repeat}: " if cfg.repeat > 1 else ""
             rounds.append(measure_round(mcfg, listed, small, workdir, lambda text: print(f"rayseg bench: {tag}{text}", file=sys.stderr, flush=True)))  # noqa: B023
         res.update(median_of(rounds))
-        res["rounds"] = [r["targets"] for r in rounds] if cfg.repeat > 1 else []
+        res["rounds"] = [{**r["targets"], "memory_growth": r["pipeline"]["memory_growth"]} for r in rounds] if cfg.repeat > 1 else []
         res["machine"]["load_1m_end"] = round(os.getloadavg()[0], 2)
         return res
     finally:
@@ -542,7 +542,7 @@ def table(res: dict) -> str:
     lines.append(f"peak memory {n['small']} -> {n['large']} images: naive {_num(nv['memory_growth'], '{:.2f}')}x, pipeline {_num(p['memory_growth'], '{:.2f}')}x")
     for i, r in enumerate(res.get("rounds") or []):
         lines.append(f"round {i + 1}: pipeline vs naive steady {r['steady_vs_naive']:.2f}x, end-to-end {r['e2e_vs_naive']:.2f}x; "
-                     f"steady vs model-only {r['steady_vs_model_only']:.2f}x")
+                     f"steady vs model-only {r['steady_vs_model_only']:.2f}x; peak memory {n['small']} -> {n['large']} images {r['memory_growth']:.2f}x")
     cpu = m["gpu"] is None  # the CPU targets; on a GPU: >= 0.9x model-only and >= 3x naive (docs/PERFORMANCE.md)
     median = f" (median of {len(res['rounds'])} rounds)" if res.get("rounds") else ""
     lines.append(f"pipeline vs naive{median}: steady {_num(t['steady_vs_naive'], '{:.2f}')}x{' (target >= 1.0x)' if cpu else ''}, "

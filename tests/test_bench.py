@@ -27,13 +27,18 @@ def positive(v) -> bool:
 def test_bench_produces_every_figure(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--count", "24", "--small-count", "8", "--model", "unet", "--input-size", "64",
-               "--min-seconds", "0.5", "--json", str(out), "--workdir", str(tmp_path / "work")])
+               "--min-seconds", "0.5", "--repeat", "2", "--json", str(out), "--workdir", str(tmp_path / "work")])
     assert rc == 0
     res = json.loads(out.read_text())
     for section, keys in FIGURES.items():
         for key in keys:
             assert positive(res[section][key]), f"{section}.{key} = {res[section].get(key)!r}"
     assert res["counts"] == {"large": 24, "small": 8}
+    assert len(res["rounds"]) == 2  # --repeat 2: each round's ratios, and their median above
+    for r in res["rounds"]:
+        for key in (*FIGURES["targets"], "memory_growth"):
+            assert positive(r[key]), f"round {r}: {key}"
+    assert min(r["steady_vs_naive"] for r in res["rounds"]) <= res["targets"]["steady_vs_naive"] <= max(r["steady_vs_naive"] for r in res["rounds"])
     spill = res["pipeline"]["spill_mb"]
     assert spill is None or (math.isfinite(spill) and spill >= 0)
     assert res["pipeline"]["errors"] == 0
@@ -43,7 +48,8 @@ def test_bench_produces_every_figure(tmp_path, capsys):
     assert m["cores"] >= 1 and m["ram_gib"] > 0 and m["cpu"] and m["date"]
 
     table = capsys.readouterr().out
-    for label in ("model-only", "naive steady", "naive end-to-end 24", "pipeline steady", "pipeline end-to-end 24", "start-up", "peak memory"):
+    for label in ("model-only", "naive steady", "naive end-to-end 24", "pipeline steady", "pipeline end-to-end 24", "start-up", "peak memory",
+                  "round 1:", "round 2:", "median of 2 rounds"):
         assert label in table
     assert "n/a" in table  # device busy on CPU
 
