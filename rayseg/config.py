@@ -33,7 +33,8 @@ class SegmentConfig(ModelConfig):
     storage_options: dict = _f({}, "fsspec storage options as JSON, e.g. '{\"endpoint_url\": ...}'")
     h5_key: str = _f("images", "HDF5 dataset holding the images")
     image_column: str = _f("image", "Parquet column holding encoded image bytes")
-    batch_size: int = _f(16, "images per model batch")
+    batch_size: int | None = _f(None, "images per model batch (default: 16 on CPU; on a GPU the largest power of two up to 256 "
+                                      "whose forward pass fits in half the free device memory)")
     actors: str = _f("", "predictor actor pool size MIN:MAX (default: one per GPU, else one per --threads CPUs)")
     threads: int | None = _f(None, "torch threads per CPU predictor actor (default: 1, or the CPUs / --actors)")
     device: str = _f("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
@@ -55,7 +56,7 @@ class SegmentConfig(ModelConfig):
             raise UserError("give at least one INPUT path, glob or URL")
         if not self.output:
             raise UserError("--output is required")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise UserError("--batch-size must be at least 1")
         if self.num_classes < 1 or self.num_classes > 255:
             raise UserError("--num-classes must be between 1 and 255")

@@ -26,7 +26,7 @@ from rayseg.decode import decode_batch
 from rayseg.errors import UserError
 from rayseg.models import ModelBundle, load_bundle
 from rayseg.objects import OBJECTS_DIR, write_objects
-from rayseg.predict import PredictOptions, Predictor
+from rayseg.predict import CPU_BATCH_SIZE, MAX_AUTO_BATCH_SIZE, PredictOptions, Predictor
 from rayseg.shards import read_units
 from rayseg.stats import encode_batch
 
@@ -135,20 +135,22 @@ def build_plan(cfg: SegmentConfig, shards: list[storage.Shard], bundle: ModelBun
     opts = PredictOptions(device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size, tile=cfg.tile,
                           overlap=cfg.overlap, tta=cfg.tta, compile=cfg.compile, confidence_map=cfg.objects, threads=threads)
     actors = ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1])
+    on_gpu = "num_gpus" in resources
+    # rows per call of each stage; with an automatic batch size a GPU actor gets the most it may choose and splits it
+    rows = cfg.batch_size or (MAX_AUTO_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
     units = work_units(shards)
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     read_kw = {"storage_options": cfg.storage_options, "h5_key": cfg.h5_key, "image_column": cfg.image_column}
-    ds = ds.map_batches(read_units, batch_size=1, fn_kwargs=read_kw, num_cpus=READ_CPUS) if counter is None else \
-        ds.map_batches(progress.read_counted, batch_size=1, fn_kwargs={**read_kw, "counter": counter}, num_cpus=READ_CPUS)
+    read_fn, read_kw = (read_units, read_kw) if counter is None else (progress.read_counted, {**read_kw, "counter": counter})
+    ds = ds.map_batches(read_fn, batch_size=1, fn_kwargs=read_kw, num_cpus=READ_CPUS)
     encode_kw = {"num_classes": bundle.card.num_classes, "mask_format": cfg.mask_format, "objects": cfg.objects, "min_area": cfg.min_area}
-    if "num_gpus" not in resources:
-        return ds.map_batches(Segmenter, batch_size=cfg.batch_size, fn_constructor_args=(bundle, opts, cfg.max_pixels, encode_kw, counter),
+    if not on_gpu:
+        return ds.map_batches(Segmenter, batch_size=rows, fn_constructor_args=(bundle, opts, cfg.max_pixels, encode_kw, counter),
                               compute=actors, **resources)
-    ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, fn_kwargs={"max_pixels": cfg.max_pixels}, num_cpus=DECODE_CPUS)
-    ds = ds.map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_args=(bundle, opts), compute=actors, **resources)
-    ds = ds.map_batches(encode_batch, batch_size=cfg.batch_size, fn_kwargs=encode_kw, num_cpus=ENCODE_CPUS) if counter is None else \
-        ds.map_batches(progress.encode_counted, batch_size=cfg.batch_size, fn_kwargs={**encode_kw, "counter": counter}, num_cpus=ENCODE_CPUS)
-    return ds
+    ds = ds.map_batches(decode_batch, batch_size=rows, fn_kwargs={"max_pixels": cfg.max_pixels}, num_cpus=DECODE_CPUS)
+    ds = ds.map_batches(Predictor, batch_size=rows, fn_constructor_args=(bundle, opts), compute=actors, **resources)
+    encode_fn, encode_kw = (encode_batch, encode_kw) if counter is None else (progress.encode_counted, {**encode_kw, "counter": counter})
+    return ds.map_batches(encode_fn, batch_size=rows, fn_kwargs=encode_kw, num_cpus=ENCODE_CPUS)
 
 
 def count_output(url: str, storage_options: dict) -> tuple[int, int, list[dict]]:

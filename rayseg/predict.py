@@ -8,6 +8,7 @@ are blended with Gaussian weights (as nnU-Net does), so memory is bounded by the
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,18 +18,34 @@ import torch.nn.functional as F
 from rayseg.decode import errors_of
 from rayseg.models import ModelBundle, for_inference
 
+log = logging.getLogger("rayseg")
+
 
 @dataclass(frozen=True)
 class PredictOptions:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    batch_size: int = 16
+    batch_size: int | None = None  # None: CPU_BATCH_SIZE on CPU, from free device memory on a GPU (fit_batch_size)
     tile: int | None = None  # None: tile only images over twice the input size, with tiles of the input size
     overlap: float = 0.25
     tta: str = "none"  # none | flip
     compile: bool = False
     confidence_map: bool = False  # keep the per-pixel confidence (for the objects table)
     threads: int | None = None  # torch intra-op threads on CPU
+
+
+CPU_BATCH_SIZE = 16
+MAX_AUTO_BATCH_SIZE = 256  # also the rows a GPU actor is handed per call when the batch size is automatic
+
+
+def fit_batch_size(bytes_per_image: float, free_bytes: int, fraction: float = 0.5, cap: int = MAX_AUTO_BATCH_SIZE) -> int:
+    """The largest power of two, up to `cap`, whose batch needs at most `fraction` of the free device memory (at least 1).
+    Half, not all: the allocator fragments, images larger than the model input are resized on the device, and
+    another process may share the GPU."""
+    n = 1
+    while n * 2 <= cap and bytes_per_image * n * 2 <= fraction * free_bytes:
+        n *= 2
+    return n
 
 
 def resolve_device(device: str) -> torch.device:
@@ -93,6 +110,25 @@ class Predictor:
         self.mean = torch.tensor(self.card.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(self.card.std, device=self.device).view(1, 3, 1, 1) * 255
         self.label = bundle.label
+        self.batch_size = options.batch_size or (self.probe_batch_size() if self.device.type == "cuda" else CPU_BATCH_SIZE)
+
+    def probe_batch_size(self) -> int:
+        """Batch size from device memory: one forward pass of 2 images at the input size measures the peak memory
+        an image adds; fit_batch_size picks the batch from what is free."""
+        s = self.size
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        with torch.inference_mode():
+            x = torch.zeros((2, 3, s, s), device=self.device).contiguous(memory_format=torch.channels_last)
+            mask_and_confidence(self._forward(x, 2))
+        per_image = (torch.cuda.max_memory_allocated(self.device) - before) / 2
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        n = fit_batch_size(per_image, free)
+        log.info("predictor on %s: batch size %d (%.0f MiB per %dx%d image, %.0f MiB free)", self.device, n, per_image / 2**20, s, s, free / 2**20)
+        return n
 
     # -- tensors in, logits out -------------------------------------------------------------
     @torch.inference_mode()
@@ -105,9 +141,9 @@ class Predictor:
             out = out / 3
         return out
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         outs = []
-        for chunk in x.split(self.opts.batch_size):
+        for chunk in x.split(batch_size or self.batch_size):
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 outs.append(self.model(chunk).float())
         return torch.cat(outs)
@@ -157,8 +193,8 @@ class Predictor:
         norm = torch.zeros((1, h, w), device=self.device)
         wgt = gaussian_weight(th, tw, self.device)
         boxes = [(y, xx) for y in tile_starts(h, th, self.opts.overlap) for xx in tile_starts(w, tw, self.opts.overlap)]
-        for i in range(0, len(boxes), self.opts.batch_size):
-            part = boxes[i : i + self.opts.batch_size]
+        for i in range(0, len(boxes), self.batch_size):
+            part = boxes[i : i + self.batch_size]
             out = self.logits(torch.cat([x[:, :, y : y + th, xx : xx + tw] for y, xx in part]))
             for (y, xx), lg in zip(part, out):
                 acc[:, y : y + th, xx : xx + tw] += lg * wgt

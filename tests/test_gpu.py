@@ -1,0 +1,50 @@
+"""The GPU path: bf16 predictor against fp32 on CPU, batch size from device memory. Skipped without a CUDA device
+(CI has none); run on a GPU machine with `python -m pytest -q tests/test_gpu.py`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rayseg.models import load_bundle
+from rayseg.predict import MAX_AUTO_BATCH_SIZE, PredictOptions, Predictor, fit_batch_size
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_batch_size_is_the_largest_power_of_two_in_half_the_free_memory():
+    mib = 2**20
+    assert fit_batch_size(100 * mib, 1600 * mib) == 8  # 8 x 100 = 800 = half of 1600
+    assert fit_batch_size(100 * mib, 1599 * mib) == 4
+    assert fit_batch_size(1 * mib, 80 * 2**30) == MAX_AUTO_BATCH_SIZE  # capped
+    assert fit_batch_size(10 * 2**30, 1 * 2**30) == 1  # never below one image
+
+
+def batch_of(images: list[np.ndarray]) -> dict:
+    n = len(images)
+    batch = {"image_id": np.array([str(i) for i in range(n)], dtype=object), "error": np.array([None] * n, dtype=object),
+             "image": np.empty(n, dtype=object)}
+    batch["image"][:] = images
+    return batch
+
+
+def test_cpu_batch_size_defaults_to_16():
+    p = Predictor(load_bundle(None, "pointwise", 2, input_size=32), PredictOptions(device="cpu", threads=1))
+    assert p.batch_size == 16
+
+
+@needs_gpu
+def test_gpu_bf16_masks_agree_with_cpu_fp32_and_batch_size_comes_from_memory():
+    bundle = load_bundle(None, "lraspp_mobilenet_v3_large", 3, input_size=128)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in range(6)] + [rng.integers(0, 256, (90, 200, 3), dtype=np.uint8)]
+    cpu = Predictor(bundle, PredictOptions(device="cpu", precision="fp32", threads=1))(batch_of(images))
+    gpu_predictor = Predictor(bundle, PredictOptions(device="cuda"))  # auto: bf16, batch size probed
+    gpu = gpu_predictor(batch_of(images))
+    n = gpu_predictor.batch_size
+    assert 1 <= n <= MAX_AUTO_BATCH_SIZE and n & (n - 1) == 0
+    for a, b in zip(cpu["mask"], gpu["mask"]):
+        assert a.shape == b.shape
+        assert (a == b).mean() > 0.97  # bf16 moves only near-ties
+    np.testing.assert_allclose(gpu["mean_confidence"], cpu["mean_confidence"], atol=0.02)
