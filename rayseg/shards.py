@@ -12,7 +12,6 @@ import io
 import posixpath
 import tarfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -195,9 +194,6 @@ def to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
     return {c: np.array([r[c] for r in rows], dtype=object) for c in ROW_COLUMNS}
 
 
-FETCH_THREADS = 8  # concurrent fetches of the loose image files of one work unit
-
-
 def read_units(batch: dict[str, np.ndarray], storage_options: dict, h5_key: str, image_column: str, rows_per_batch: int = 32) -> Iterator[dict]:
     """Ray Data stage: a batch of work units (shard URL + kind; image files come several to a unit) -> row batches.
 
@@ -205,16 +201,12 @@ def read_units(batch: dict[str, np.ndarray], storage_options: dict, h5_key: str,
     """
     rows: list[dict] = []
     for urls, kind in zip(batch["urls"], batch["kind"]):
-        if kind == "image":  # several small files: fetched concurrently, since on object storage each is a round trip
-            with ThreadPoolExecutor(min(FETCH_THREADS, len(urls))) as pool:
-                samples = (r for rs in pool.map(lambda u: list(read_shard(u, kind, storage_options)), urls) for r in rs)
-        else:
-            samples = (r for url in urls for r in read_shard(url, kind, storage_options, h5_key, image_column))
-        for r in samples:
-            rows.append(r)
-            if len(rows) >= rows_per_batch:
-                yield to_batch(rows)
-                rows = []
+        for url in urls:
+            for r in read_shard(url, kind, storage_options, h5_key, image_column):
+                rows.append(r)
+                if len(rows) >= rows_per_batch:
+                    yield to_batch(rows)
+                    rows = []
     if rows:
         yield to_batch(rows)
 
