@@ -53,6 +53,8 @@ class EvalConfig:
             raise UserError("--batch-size must be at least 1")
         if self.actors:
             actor_range(self.actors)
+        if self.threads is not None and self.threads < 1:
+            raise UserError("--threads must be at least 1")
 
 
 def confusion_batch(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:

@@ -85,8 +85,9 @@ def actor_plan(cfg) -> tuple[tuple[int, int], dict, int]:
     if use_gpu:
         pool = actor_range(cfg.actors) if cfg.actors else (1, max(1, gpus))
         return pool, {"num_gpus": 1, "num_cpus": 1}, 1
-    threads = cfg.threads or (max(1, cpus // actor_range(cfg.actors)[1]) if cfg.actors else 1)
-    pool = actor_range(cfg.actors) if cfg.actors else (max(1, cpus // threads),) * 2
+    fixed = actor_range(cfg.actors) if cfg.actors else None
+    threads = cfg.threads or (max(1, cpus // fixed[1]) if fixed else 1)
+    pool = fixed or (max(1, cpus // threads),) * 2
     return pool, {"num_cpus": round(CPU_ACTOR_SHARE * min(threads, cpus / pool[1]), 4)}, threads
 
 
@@ -112,15 +113,12 @@ class Segmenter:
     encode stay parallel tasks.
     """
 
-    def __init__(self, bundle: ModelBundle, opts: PredictOptions, max_pixels: int, encode_kw: dict, counter=None):
+    def __init__(self, bundle: ModelBundle, opts: PredictOptions, max_pixels: int, encode_fn, encode_kw: dict):
         self.predictor = Predictor(bundle, opts)
-        self.max_pixels, self.encode_kw, self.counter = max_pixels, encode_kw, counter
+        self.max_pixels, self.encode_fn, self.encode_kw = max_pixels, encode_fn, encode_kw
 
     def __call__(self, batch: dict):
-        rows = self.predictor(decode_batch(batch, self.max_pixels))
-        if self.counter is None:
-            return encode_batch(rows, **self.encode_kw)
-        return progress.encode_counted(rows, self.counter, **self.encode_kw)
+        return self.encode_fn(self.predictor(decode_batch(batch, self.max_pixels)), **self.encode_kw)
 
 
 def build_plan(cfg: SegmentConfig, shards: list[storage.Shard], bundle: ModelBundle, counter=None):
@@ -144,12 +142,12 @@ def build_plan(cfg: SegmentConfig, shards: list[storage.Shard], bundle: ModelBun
     read_fn, read_kw = (read_units, read_kw) if counter is None else (progress.read_counted, {**read_kw, "counter": counter})
     ds = ds.map_batches(read_fn, batch_size=1, fn_kwargs=read_kw, num_cpus=READ_CPUS)
     encode_kw = {"num_classes": bundle.card.num_classes, "mask_format": cfg.mask_format, "objects": cfg.objects, "min_area": cfg.min_area}
+    encode_fn, encode_kw = (encode_batch, encode_kw) if counter is None else (progress.encode_counted, {**encode_kw, "counter": counter})
     if not on_gpu:
-        return ds.map_batches(Segmenter, batch_size=rows, fn_constructor_args=(bundle, opts, cfg.max_pixels, encode_kw, counter),
+        return ds.map_batches(Segmenter, batch_size=rows, fn_constructor_args=(bundle, opts, cfg.max_pixels, encode_fn, encode_kw),
                               compute=actors, **resources)
     ds = ds.map_batches(decode_batch, batch_size=rows, fn_kwargs={"max_pixels": cfg.max_pixels}, num_cpus=DECODE_CPUS)
     ds = ds.map_batches(Predictor, batch_size=rows, fn_constructor_args=(bundle, opts), compute=actors, **resources)
-    encode_fn, encode_kw = (encode_batch, encode_kw) if counter is None else (progress.encode_counted, {**encode_kw, "counter": counter})
     return ds.map_batches(encode_fn, batch_size=rows, fn_kwargs=encode_kw, num_cpus=ENCODE_CPUS)
 
 
