@@ -1,7 +1,7 @@
 """Faults injected into a running `segment`: a predictor actor SIGKILLed, a worker node removed, object storage
 refusing requests for a while. Each run must finish with every input in the output exactly once.
 
-    pytest tests/test_faults.py
+    pytest tests/system/test_faults.py
 
 The node test starts its own multi-node cluster in a child process (the session's embedded Ray lives in
 this one); everything it starts is stopped by the child, and the child is killed if it overruns.

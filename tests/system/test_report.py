@@ -13,7 +13,7 @@ import pytest
 
 from conftest import png_bytes
 from rayseg import cli, segment
-from test_objects import blobs, make_checkpoint
+from .test_objects import blobs, make_checkpoint
 
 CHROMIUM = Path("/usr/bin/chromium")
 EVIL = "<img src=x onerror=alert(1)>"  # a file name is user data: it must reach the page as text

@@ -29,7 +29,7 @@ from rayseg.cliutil import config_from_args
 from rayseg.config import SegmentConfig
 from rayseg.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 JOB_TIMEOUT = 240
 

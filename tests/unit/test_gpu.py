@@ -1,5 +1,5 @@
 """The GPU path: bf16 predictor against fp32 on CPU, batch size from device memory. Skipped without a CUDA device
-(CI has none); run on a GPU machine with `python -m pytest -q tests/test_gpu.py`."""
+(CI has none); run on a GPU machine with `python -m pytest -q tests/unit/test_gpu.py`."""
 
 from __future__ import annotations
 

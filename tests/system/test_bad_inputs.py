@@ -2,7 +2,7 @@
 shards, then one assertion per case. Every input yields exactly one row: a mask when the image is valid, an
 `error` sentence naming what was wrong when it is not; its neighbours in the batch and shard are unharmed.
 
-    pytest tests/test_bad_inputs.py
+    pytest tests/system/test_bad_inputs.py
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ the Dockerfile and the README.
 Files are discovered by glob, so a new file is covered as soon as it is added;
 a file of a kind this module has no check for fails `test_every_file_is_known`.
 
-    pytest tests/test_cluster.py
+    pytest tests/unit/test_cluster.py
 
 No network, no cluster, no docker: launcher configs are validated with the
 JSON schema (and `validate_config`) shipped in the installed ray wheel, and
@@ -25,12 +25,12 @@ import yaml
 
 jsonschema = pytest.importorskip("jsonschema")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 # The project's shared copy of the KubeRay v1.7 CRDs where present; else the gzipped copy kept beside the tests
 # (the same files), so a clean clone on its own still validates every manifest.
-SHARED_CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kuberay-v1"
-VENDORED_CRD_DIR = Path(__file__).resolve().parent / "schemas" / "kuberay-v1"
+SHARED_CRD_DIR = Path(__file__).resolve().parents[3] / "shared" / "schemas" / "kuberay-v1"
+VENDORED_CRD_DIR = Path(__file__).resolve().parents[1] / "schemas" / "kuberay-v1"
 CRD_DIR = SHARED_CRD_DIR if SHARED_CRD_DIR.is_dir() else VENDORED_CRD_DIR
 
 JOB_SCRIPTS = {"segment.py", "train.py", "nightly.py"}
@@ -108,7 +108,7 @@ def test_cluster_folder_has_each_kind():
 def test_every_file_is_known():
     unknown = [_rel(p) for p in _all_files() if _kind(p) == "unknown"]
     assert not unknown, (
-        f"no checks exist for {unknown}: add a file kind to tests/test_cluster.py"
+        f"no checks exist for {unknown}: add a file kind to tests/unit/test_cluster.py"
     )
 
 
