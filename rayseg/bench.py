@@ -23,7 +23,6 @@ import dataclasses
 import datetime as dt
 import json
 import math
-import multiprocessing as mp
 import os
 import platform
 import re
@@ -32,305 +31,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from rayseg import storage
+from rayseg.bench_measure import in_process, model_only, naive, pipeline
 from rayseg.cliutil import add_config_arguments, config_from_args
-from rayseg.config import ModelConfig, _f
+from rayseg.config import BenchConfig
 from rayseg.errors import UserError
-
-
-@dataclass(frozen=True)
-class BenchConfig(ModelConfig):
-    input: tuple[str, ...] = _f((), "archive to measure on (paths, globs or URLs; default: a synthetic one is made)")
-    count: int = _f(2000, "images in the large run (synthetic archive size)")
-    small_count: int = _f(200, "images in the small run; steady state = the difference of the two runs")
-    batch_size: int = _f(16, "images per model batch")
-    image_size: int | None = _f(None, "side of the synthetic images (default: the input size, 256)")
-    layout: str = _f("tar", "layout of the synthetic archive", choices=("files", "tar", "h5", "parquet"))
-    device: str = _f("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16", choices=("auto", "fp32", "bf16", "fp16"))
-    compile: bool = _f(False, "torch.compile the model (all three measurements)")
-    actors: str = _f("", "pipeline: predictor actor pool MIN:MAX, as `rayseg segment --actors` (default: its own choice)")
-    threads: int | None = _f(None, "pipeline: torch threads per CPU actor, as `rayseg segment --threads`")
-    repeat: int = _f(1, "measure everything this many times, interleaved, and report the median of each figure")
-    json: str | None = _f(None, "also write the figures to this JSON file")
-    workdir: str | None = _f(None, "keep the archive and outputs here, and reuse a synthetic archive made before (default: a temp dir, removed)")
-    min_seconds: float = _f(8.0, "time the model-only loop for at least this long")
-
-    def __post_init__(self):
-        if self.count < 2 or self.small_count < 1 or self.small_count >= self.count:
-            raise UserError("need 1 <= --small-count < --count")
-        if self.batch_size < 1:
-            raise UserError("--batch-size must be at least 1")
-        if self.repeat < 1:
-            raise UserError("--repeat must be at least 1")
-
-
-# -- measuring a process tree ------------------------------------------------------------------
-
-class Sampler(threading.Thread):
-    """Peak RSS of a process and all its descendants, their CPU seconds, and the mean GPU busy fraction.
-
-    CPU seconds are summed over every process seen (the last reading of each), so they hold up when other work
-    shares the machine, where wall-clock figures do not.
-    """
-
-    def __init__(self, pid: int, interval: float = 0.1):
-        super().__init__(daemon=True)
-        import psutil
-
-        self.root, self.interval = psutil.Process(pid), interval
-        self.peak, self.busy, self.cpu = 0, [], {}
-        self.done = threading.Event()
-        self.nvml = _nvml_handle()
-
-    def sample(self) -> None:
-        import psutil
-
-        total = 0
-        try:
-            procs = [self.root, *self.root.children(recursive=True)]
-        except psutil.Error:
-            return
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-                t = p.cpu_times()
-                self.cpu[p.pid] = t.user + t.system
-            except psutil.Error:
-                pass
-        self.peak = max(self.peak, total)
-        if self.nvml is not None:
-            import pynvml
-
-            self.busy.append(pynvml.nvmlDeviceGetUtilizationRates(self.nvml).gpu / 100)
-
-    def run(self) -> None:
-        while not self.done.wait(self.interval):
-            self.sample()
-
-    def stop(self) -> dict:
-        self.done.set()
-        self.join()
-        return {"peak_rss_mb": round(self.peak / 2**20, 1), "cpu_s": round(sum(self.cpu.values()), 2),
-                "device_busy": round(sum(self.busy) / len(self.busy), 3) if self.busy else None}
-
-
-def _nvml_handle():
-    try:
-        import pynvml
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-    except Exception:  # noqa: BLE001 - no pynvml, no GPU: busy fraction is n/a
-        return None
-
-
-def _in_process(target, *args) -> tuple[dict, dict]:
-    """Run target(*args, queue) in a fresh (spawned) process; returns (its result, its sampled memory)."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    launched = time.time()
-    p = ctx.Process(target=target, args=(*args, q))
-    p.start()
-    sampler = Sampler(p.pid)
-    sampler.start()
-    result = q.get()
-    p.join()
-    mem = sampler.stop()
-    if "error" in result:
-        raise RuntimeError(f"{target.__name__} failed: {result['error']}")
-    result["e2e_s"] = result.pop("done_at") - launched
-    return result, mem
-
-
-# -- the three measurements -------------------------------------------------------------------
-
-def _setup_torch(cfg: dict):
-    import torch
-
-    from rayseg.models import for_inference, load_bundle
-    from rayseg.predict import autocast_dtype, resolve_device
-
-    bundle = load_bundle(cfg["checkpoint"], cfg["model"], cfg["num_classes"], cfg["weights"], cfg["input_size"])
-    device = resolve_device(cfg["device"])
-    model = for_inference(bundle.build(), device, cfg["compile"])  # the predictor's own model: like with like
-    mean = torch.tensor(bundle.card.mean, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(bundle.card.std, device=device).view(1, 3, 1, 1) * 255
-    return bundle, device, autocast_dtype(device, cfg["precision"]), model, mean, std
-
-
-def model_only(cfg: dict, q) -> None:
-    """Forward passes on one pre-decoded, pre-normalised channels_last float batch, warm-up excluded."""
-    try:
-        import numpy as np
-        import torch
-
-        bundle, device, amp, model, mean, std = _setup_torch(cfg)
-        s, b = bundle.card.input_size, cfg["batch_size"]
-        stack = np.random.default_rng(0).integers(0, 256, (b, s, s, 3), dtype=np.uint8)
-        x = torch.from_numpy(stack).to(device).permute(0, 3, 1, 2).float()  # NCHW view of NHWC memory: channels_last
-        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-
-        def step():
-            with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out = model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return out
-
-        for _ in range(2):
-            step()
-        n, t0, c0 = 0, time.perf_counter(), time.process_time()
-        min_batches = max(3, cfg["small_count"] // b)
-        while n < min_batches or time.perf_counter() - t0 < cfg["min_seconds"]:
-            step()
-            n += 1
-        elapsed = time.perf_counter() - t0
-        q.put({"images": n * b, "seconds": elapsed, "cpu_s": time.process_time() - c0, "done_at": time.time()})
-    except Exception as e:  # noqa: BLE001 - reported by the parent
-        q.put({"error": repr(e)})
-
-
-def naive(cfg: dict, shard_list: list[tuple[str, str]], out_dir: str, q) -> None:
-    """The loop a user would write without Ray: one process, batches of `batch_size`, one Parquet file."""
-    try:
-        import cv2
-        import numpy as np
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        import torch
-        import torch.nn.functional as F
-
-        from rayseg.shards import read_shard
-        from rayseg.stats import SCHEMA
-
-        bundle, device, amp, model, mean, std = _setup_torch(cfg)
-        ready = time.time()
-        s, k = bundle.card.input_size, bundle.card.num_classes
-        os.makedirs(out_dir, exist_ok=True)
-        writer = pq.ParquetWriter(os.path.join(out_dir, "part-0.parquet"), SCHEMA)
-        rows: list[dict] = []
-        pending: list[tuple[dict, np.ndarray]] = []
-
-        def infer(batch):
-            imgs = [img if img.shape[:2] == (s, s) else cv2.resize(img, (s, s), interpolation=cv2.INTER_LINEAR) for _, img in batch]
-            x = torch.from_numpy(np.stack(imgs)).to(device).permute(0, 3, 1, 2).float()
-            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = model(x).float()
-            for (r, img), lg in zip(batch, logits):
-                h, w = img.shape[:2]
-                if (h, w) != (s, s):
-                    lg = F.interpolate(lg[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-                conf, mask = torch.softmax(lg, 0).max(0)
-                mask = mask.to(torch.uint8).cpu().numpy()
-                ok, png = cv2.imencode(".png", mask, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-                counts = np.bincount(mask.ravel(), minlength=k)[:k]
-                comps = [cv2.connectedComponents((mask == c).astype(np.uint8), connectivity=8)[0] - 1 if counts[c] else 0 for c in range(k)]
-                rows.append({"image_id": r["image_id"], "source": r["source"], "shard": r["shard"], "height": h, "width": w,
-                             "mask_png": png.tobytes(), "mask_rle": None, "class_pixels": counts.tolist(), "num_components": comps,
-                             "mean_confidence": float(conf.mean()), "model": bundle.label, "error": None})
-
-        def flush_rows():
-            writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
-            rows.clear()
-
-        images = 0
-        for url, kind in shard_list:
-            for r in read_shard(url, kind, {}):
-                img = cv2.imdecode(np.frombuffer(r["data"], np.uint8), cv2.IMREAD_COLOR) if r["error"] is None else None
-                if img is None:
-                    rows.append({**{n: None for n in SCHEMA.names}, "image_id": r["image_id"], "source": r["source"], "shard": r["shard"],
-                                 "model": bundle.label, "error": r["error"] or "could not decode"})
-                    continue
-                pending.append((r, cv2.cvtColor(img, cv2.COLOR_BGR2RGB)))
-                images += 1
-                if len(pending) == cfg["batch_size"]:
-                    infer(pending)
-                    pending.clear()
-                if len(rows) >= 256:
-                    flush_rows()
-        if pending:
-            infer(pending)
-        flush_rows()
-        writer.close()
-        done = time.time()
-        q.put({"images": images, "done_at": done, "run_s": done - ready})
-    except Exception as e:  # noqa: BLE001
-        q.put({"error": repr(e)})
-
-
-PIPELINE_CHILD = r"""
-import json, sys, time
-started = time.time()
-from rayseg.cli import main
-rc = main(sys.argv[2:])
-done = time.time()
-spilled = None
-try:
-    import ray
-    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-    reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address))
-    spilled = reply.store_stats.spilled_bytes_total
-except Exception:
-    pass
-with open(sys.argv[1], "w") as f:
-    json.dump({"rc": rc, "started_at": started, "done_at": done, "spilled_bytes": spilled}, f)
-sys.exit(rc)
-"""
-
-
-def pipeline(cfg: dict, urls: list[str], out_dir: str) -> tuple[dict, dict]:
-    """`rayseg segment` in a subprocess with its own embedded Ray; times from launch to the summary written."""
-    argv = ["segment", *urls, "--output", out_dir, "--overwrite", "--quiet", "--batch-size", str(cfg["batch_size"]),
-            "--device", cfg["device"], "--precision", cfg["precision"]]
-    if cfg["checkpoint"]:
-        argv += ["--checkpoint", cfg["checkpoint"]]
-    else:
-        argv += ["--model", cfg["model"], "--num-classes", str(cfg["num_classes"])]
-    if cfg["input_size"]:
-        argv += ["--input-size", str(cfg["input_size"])]
-    if cfg["compile"]:
-        argv.append("--compile")
-    if cfg["actors"]:
-        argv += ["--actors", cfg["actors"]]
-    if cfg["threads"]:
-        argv += ["--threads", str(cfg["threads"])]
-    # its own Ray, so start-up is part of the figure: "local" starts a new instance even where another Ray runs on
-    # this machine (with no address, ray.init joins the latest one it finds)
-    env = {**os.environ, "RAY_ADDRESS": "local"}
-    info_file = os.path.join(out_dir + ".child.json")
-    launched = time.time()
-    proc = subprocess.Popen([sys.executable, "-c", PIPELINE_CHILD, info_file, *argv], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    sampler = Sampler(proc.pid)
-    sampler.start()
-    out, err = proc.communicate()
-    exited = time.time()
-    mem = sampler.stop()
-    if proc.returncode != 0:
-        raise RuntimeError(f"rayseg segment failed (exit {proc.returncode}):\n{err[-3000:]}")
-    child = json.loads(Path(info_file).read_text())
-    summary = storage.read_json(storage.join(out_dir, "_rayseg.json"))
-    result = {
-        "images": summary["images"],
-        "errors": summary["errors"],
-        "e2e_s": child["done_at"] - launched,
-        "exit_s": exited - launched,
-        "startup_s": (child["started_at"] - launched) + summary["startup_s"],  # interpreter + imports + Ray ready
-        "ray_ready_s": child["started_at"] - launched + summary["startup_s"],
-        "run_s": summary["elapsed_s"] - summary["startup_s"],
-        "spill_mb": None if child["spilled_bytes"] is None else round(child["spilled_bytes"] / 2**20, 1),
-    }
-    return result, mem
 
 
 # -- the archive --------------------------------------------------------------------------------
@@ -347,7 +55,7 @@ def archive(cfg: BenchConfig, workdir: Path, input_size: int) -> tuple[list[tupl
         shards, _ = storage.discover(cfg.input)
         listed = [(s.url, s.kind, _count_rows(s.url, s.kind)) for s in shards]
         return listed, {"input": list(cfg.input), "images": sum(n for *_, n in listed), "shards": len(listed)}
-    from rayseg.synth import write_archive
+    from rayseg.synth import shard_ranges, write_archive
 
     side = cfg.image_size or input_size
     per_shard = max(1, cfg.small_count // 2)  # the small run is the first shards: at least two, so reads overlap
@@ -365,14 +73,8 @@ def archive(cfg: BenchConfig, workdir: Path, input_size: int) -> tuple[list[tupl
     found, _ = storage.discover([str(root)])
     if cfg.layout == "files":
         return [(s.url, s.kind, 1) for s in found], {**spec, "images": len(found)}
-    sizes = [len(r) for r in _split_sizes(cfg.count, shards)]
+    sizes = [len(r) for r in shard_ranges(cfg.count, shards)]
     return [(s.url, s.kind, n) for s, n in zip(found, sizes)], {**spec, "images": cfg.count}
-
-
-def _split_sizes(count: int, shards: int) -> list[range]:
-    from rayseg.synth import _split
-
-    return _split(count, shards)
 
 
 def prefix(listed: list[tuple[str, str, int]], small_count: int) -> list[tuple[str, str, int]]:
@@ -418,16 +120,17 @@ def _steady(n_big: int, t_big: float, n_small: int, t_small: float) -> tuple[flo
     return n_big / t_big, "large run only (the difference was not positive: counts too close for the noise)"
 
 
-def measure_round(mcfg: dict, listed: list, small: list, workdir: Path, say) -> dict:
-    """One of each measurement. Small and large runs of naive and pipeline alternate (naive small, pipeline small,
+def measure_model_only(mcfg: dict) -> dict:
+    mo, mem = in_process(model_only, mcfg)
+    mem.pop("cpu_s")  # the whole process; its timed loop measures its own
+    return {"images_per_s": mo["images"] / mo["seconds"], "ratio": 1.0, "images": mo["images"], "seconds": mo["seconds"],
+            "cpu_ms_per_image": 1000 * mo["cpu_s"] / mo["images"], **mem}
+
+
+def measure_paths(mcfg: dict, listed: list, small: list, workdir: Path, say) -> dict:
+    """{(path, "small" | "large"): its figures} of naive and pipeline. The runs alternate (naive small, pipeline small,
     naive large, pipeline large), so a machine whose speed drifts (a shared VM) moves both paths alike."""
     n_big, n_small = sum(n for *_, n in listed), sum(n for *_, n in small)
-    say("model-only")
-    mo, mem = _in_process(model_only, mcfg)
-    mo_ips = mo["images"] / mo["seconds"]
-    mem.pop("cpu_s")  # the whole process; its timed loop measures its own
-    res: dict = {"model_only": {"images_per_s": mo_ips, "ratio": 1.0, "images": mo["images"], "seconds": mo["seconds"],
-                                "cpu_ms_per_image": 1000 * mo["cpu_s"] / mo["images"], **mem}}
     runs = {}
     for label, shards in (("small", small), ("large", listed)):
         for name in ("naive", "pipeline"):
@@ -435,36 +138,50 @@ def measure_round(mcfg: dict, listed: list, small: list, workdir: Path, say) -> 
             out_dir = str(workdir / f"out-{name}-{label}")
             shutil.rmtree(out_dir, ignore_errors=True)
             if name == "naive":
-                r, mem = _in_process(naive, mcfg, [(u, k) for u, k, _ in shards], out_dir)
+                r, mem = in_process(naive, mcfg, [(u, k) for u, k, _ in shards], out_dir)
             else:
                 r, mem = pipeline(mcfg, [u for u, _, _ in shards], out_dir)
             runs[name, label] = {**r, **mem}
+    return runs
+
+
+def path_figures(name: str, big: dict, sm: dict, n_big: int, n_small: int, model_only_ips: float) -> dict:
+    """The figures of one path (naive or pipeline) from its large and its small run."""
+    # run_s starts once the model is ready (naive) or Ray is (pipeline): interpreter and ray.init noise stay out
+    steady, method = _steady(n_big, big["run_s"], n_small, sm["run_s"])
+    e2e = n_big / big["e2e_s"]
+    entry = {
+        "steady_images_per_s": steady,
+        "steady_ratio": steady / model_only_ips,
+        "steady_method": method,
+        "e2e_images_per_s": e2e,
+        "e2e_ratio": e2e / model_only_ips,
+        "e2e_s": big["e2e_s"],
+        "small_e2e_s": sm["e2e_s"],
+        "run_s": big["run_s"],
+        "small_run_s": sm["run_s"],
+        "peak_rss_mb": big["peak_rss_mb"],
+        "small_peak_rss_mb": sm["peak_rss_mb"],
+        "memory_growth": big["peak_rss_mb"] / sm["peak_rss_mb"],
+        # CPU work per image past the fixed costs, all processes (Ray's own included)
+        "cpu_ms_per_image": 1000 * max(big["cpu_s"] - sm["cpu_s"], 1e-3) / (n_big - n_small),
+        "device_busy": big["device_busy"],
+    }
+    if name == "pipeline":
+        entry.update({"startup_s": big["startup_s"], "exit_s": big["exit_s"], "spill_mb": big["spill_mb"],
+                      "errors": big["errors"] + sm["errors"]})
+    return entry
+
+
+def measure_round(mcfg: dict, listed: list, small: list, workdir: Path, say) -> dict:
+    """One of each measurement: model-only, then the small and large runs of naive and pipeline."""
+    n_big, n_small = sum(n for *_, n in listed), sum(n for *_, n in small)
+    say("model-only")
+    res: dict = {"model_only": measure_model_only(mcfg)}
+    mo_ips = res["model_only"]["images_per_s"]
+    runs = measure_paths(mcfg, listed, small, workdir, say)
     for name in ("naive", "pipeline"):
-        big, sm = runs[name, "large"], runs[name, "small"]
-        # run_s starts once the model is ready (naive) or Ray is (pipeline): interpreter and ray.init noise stay out
-        steady, method = _steady(n_big, big["run_s"], n_small, sm["run_s"])
-        e2e = n_big / big["e2e_s"]
-        entry = {
-            "steady_images_per_s": steady,
-            "steady_ratio": steady / mo_ips,
-            "steady_method": method,
-            "e2e_images_per_s": e2e,
-            "e2e_ratio": e2e / mo_ips,
-            "e2e_s": big["e2e_s"],
-            "small_e2e_s": sm["e2e_s"],
-            "run_s": big["run_s"],
-            "small_run_s": sm["run_s"],
-            "peak_rss_mb": big["peak_rss_mb"],
-            "small_peak_rss_mb": sm["peak_rss_mb"],
-            "memory_growth": big["peak_rss_mb"] / sm["peak_rss_mb"],
-            # CPU work per image past the fixed costs, all processes (Ray's own included)
-            "cpu_ms_per_image": 1000 * max(big["cpu_s"] - sm["cpu_s"], 1e-3) / (n_big - n_small),
-            "device_busy": big["device_busy"],
-        }
-        if name == "pipeline":
-            entry.update({"startup_s": big["startup_s"], "exit_s": big["exit_s"], "spill_mb": big["spill_mb"],
-                          "errors": big["errors"] + sm["errors"]})
-        res[name] = entry
+        res[name] = path_figures(name, runs[name, "large"], runs[name, "small"], n_big, n_small, mo_ips)
     p, nv = res["pipeline"], res["naive"]
     res["targets"] = {
         "steady_vs_naive": p["steady_images_per_s"] / nv["steady_images_per_s"],
@@ -543,7 +260,7 @@ def table(res: dict) -> str:
     for i, r in enumerate(res.get("rounds") or []):
         lines.append(f"round {i + 1}: pipeline vs naive steady {r['steady_vs_naive']:.2f}x, end-to-end {r['e2e_vs_naive']:.2f}x; "
                      f"steady vs model-only {r['steady_vs_model_only']:.2f}x; peak memory {n['small']} -> {n['large']} images {r['memory_growth']:.2f}x")
-    cpu = m["gpu"] is None  # the issue's CPU targets; on a GPU: >= 0.9x model-only and >= 3x naive (docs/PERFORMANCE.md)
+    cpu = m["gpu"] is None  # the CPU targets; on a GPU: >= 0.9x model-only and >= 3x naive (docs/PERFORMANCE.md)
     median = f" (median of {len(res['rounds'])} rounds)" if res.get("rounds") else ""
     lines.append(f"pipeline vs naive{median}: steady {_num(t['steady_vs_naive'], '{:.2f}')}x{' (target >= 1.0x)' if cpu else ''}, "
                  f"end-to-end {_num(t['e2e_vs_naive'], '{:.2f}')}x{' (>= 0.8x)' if cpu else ''}; "

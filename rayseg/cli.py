@@ -13,7 +13,7 @@ import sys
 from rayseg.errors import UserError
 
 # command -> the module that registers it, in --help order
-COMMANDS = {"segment": "pipeline", "synth": "synth", "train": "train", "evaluate": "evaluate", "demo": "demo",
+COMMANDS = {"segment": "segment", "synth": "synth", "train": "train", "evaluate": "evaluate", "demo": "demo",
             "nightly": "nightly", "report": "report", "bench": "bench"}
 
 
@@ -27,13 +27,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub.required = True
     modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
     for name in modules:
-        try:
-            module = importlib.import_module(f"rayseg.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"rayseg.{name}":  # a command not built yet
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"rayseg.{name}").register(sub)
     return parser
 
 

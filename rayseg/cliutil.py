@@ -1,7 +1,8 @@
 """Build argparse options from frozen config dataclasses, so a flag, a YAML key and a field share one name.
 
 A field `batch_size` is the flag `--batch-size` and the YAML key `batch_size` (`batch-size` is accepted too).
-Field metadata: `help`, `positional` (nargs="+"), `choices`, `short`.
+Field metadata (from rayseg.config.OPTIONS): `help`, `positional` (a tuple takes nargs="+"), `choices`, `short`, `cli` (False: no
+flag), `auto` (what a default of None means).
 """
 
 from __future__ import annotations
@@ -47,13 +48,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
-        if default not in (None, (), {}, False) and kwargs["help"]:
+        if default not in (None, (), {}, False, "") and kwargs["help"]:
             kwargs["help"] += f" (default: {default})"
+        elif default is None and "auto" in f.metadata:
+            kwargs["help"] += f" (default: {f.metadata['auto']})"
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         origin = typing.get_origin(tp)
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, nargs="*" if f.metadata.get("optional") else "+", metavar=f.name.upper(), **kwargs)
+            if origin is tuple:
+                kwargs["nargs"] = "*" if f.metadata.get("optional") else "+"
+            parser.add_argument(f.name, metavar="OUT" if f.name in ("out", "output") else f.name.upper(), **kwargs)
             continue
         names = [f"--{f.name.replace('_', '-')}"] + ([f.metadata["short"]] if "short" in f.metadata else [])
         if tp is bool:

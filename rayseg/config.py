@@ -1,78 +1,26 @@
-"""Frozen configuration dataclasses. Each field is one CLI flag (`--batch-size`) and one YAML key (`batch_size`)."""
+"""Every option of every command, declared once, and the frozen config classes composed from them.
+
+An option is one field name, one type, one help text and one check. A field `batch_size` is the flag
+`--batch-size`, the YAML key `batch_size` and the keyword `batch_size=` of the Python API. Options come in
+groups (storage, cluster, pool, model, read, labelled, predict, output); a command's config is the groups it
+takes plus its own options, in `--help` order. Where commands differ only in a default (`--batch-size` is
+automatic in segment, 16 in evaluate and bench, 8 in train), the command passes the default; the help text
+stays the one declared here.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
 from rayseg.errors import UserError
 
 MODEL_NAMES = ("unet", "pointwise", "fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
-
-
-def _f(default=None, help="", **meta):
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """How to get a model: a rayseg checkpoint, or an architecture built fresh."""
-
-    model: str = _f("lraspp_mobilenet_v3_large", "model architecture", choices=MODEL_NAMES)
-    num_classes: int = _f(2, "number of classes, background included")
-    weights: str | None = _f(None, "torchvision weights name (e.g. DEFAULT); needs a model hub")
-    checkpoint: str | None = _f(None, "rayseg checkpoint directory URL (overrides --model/--num-classes)")
-    input_size: int | None = _f(None, "side of the square model input (default: checkpoint's, else 256)")
-
-
-@dataclass(frozen=True)
-class SegmentConfig(ModelConfig):
-    inputs: tuple[str, ...] = _f((), "input paths, globs or URLs (any fsspec protocol)", positional=True, optional=True)  # optional: a --config YAML may give them
-    output: str = _f("", "output folder URL", short="-o")
-    storage_options: dict = _f({}, "fsspec storage options as JSON, e.g. '{\"endpoint_url\": ...}'")
-    h5_key: str = _f("images", "HDF5 dataset holding the images")
-    image_column: str = _f("image", "Parquet column holding encoded image bytes")
-    batch_size: int | None = _f(None, "images per model batch (default: 16 on CPU; on a GPU the largest power of two up to 256 "
-                                      "whose forward pass fits in half the free device memory)")
-    actors: str = _f("", "predictor actor pool size MIN:MAX (default: one per GPU, else one per --threads CPUs)")
-    threads: int | None = _f(None, "torch threads per CPU predictor actor (default: 1, or the CPUs / --actors)")
-    device: str = _f("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16", choices=("auto", "fp32", "bf16", "fp16"))
-    mask_format: str = _f("png", "png, rle or both", choices=("png", "rle", "both"))
-    max_pixels: int = _f(100_000_000, "refuse images with more pixels than this (decompression bombs)")
-    objects: bool = _f(False, "also write one row per connected component to OUT/objects/")
-    min_area: int = _f(0, "with --objects: drop components smaller than this many pixels")
-    tile: int | None = _f(None, "tile side for large images (default: the input size, when an image is over 2x it)")
-    overlap: float = _f(0.25, "fraction of a tile shared with its neighbours")
-    tta: str = _f("none", "test-time augmentation: none or flip", choices=("none", "flip"))
-    compile: bool = _f(False, "torch.compile the model")
-    overwrite: bool = _f(False, "replace a non-empty output folder")
-    address: str | None = _f(None, "Ray cluster address (default: RAY_ADDRESS, else start Ray embedded)")
-    quiet: bool = _f(False, "no progress output")
-
-    def __post_init__(self):
-        if not self.inputs:
-            raise UserError("give at least one INPUT path, glob or URL")
-        if not self.output:
-            raise UserError("--output is required")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UserError("--batch-size must be at least 1")
-        if self.num_classes < 1 or self.num_classes > 255:
-            raise UserError("--num-classes must be between 1 and 255")
-        if not 0 <= self.overlap < 1:
-            raise UserError("--overlap must be in [0, 1)")
-        if self.actors:
-            actor_range(self.actors)
-        if self.threads is not None and self.threads < 1:
-            raise UserError("--threads must be at least 1")
-
-
-def public_config(cfg) -> dict:
-    """A config as a dict that is safe to log, write or hand to workers: credentials in storage options redacted."""
-    from rayseg.storage import redact
-
-    return {**asdict(cfg), "storage_options": redact(cfg.storage_options)}
+MISSING = dataclasses.MISSING
+LAYOUTS = ("h5", "folders", "tar", "files", "parquet")  # of archives `rayseg synth` writes
+GENERATORS = ("shapes", "blobs")
+IMAGE_FORMATS = ("png", "jpeg")
 
 
 def actor_range(text: str) -> tuple[int, int]:
@@ -85,3 +33,290 @@ def actor_range(text: str) -> tuple[int, int]:
     if lo_i < 1 or hi_i < lo_i:
         raise UserError(f"--actors {text!r}: need 1 <= MIN <= MAX")
     return lo_i, hi_i
+
+
+def _at_least(n: int) -> Callable[[str, Any], None]:
+    def check(flag: str, value) -> None:
+        if value is not None and value < n:
+            raise UserError(f"{flag} must be at least {n}")
+
+    return check
+
+
+def _between(lo: float, hi: float, text: str) -> Callable[[str, Any], None]:
+    def check(flag: str, value) -> None:
+        if value is not None and not lo <= value <= hi:
+            raise UserError(f"{flag} must be {text}")
+
+    return check
+
+
+def _overlap(flag: str, value: float) -> None:
+    if not 0 <= value < 1:
+        raise UserError(f"{flag} must be in [0, 1)")
+
+
+def _actors(flag: str, value: str) -> None:
+    if value:
+        actor_range(value)
+
+
+@dataclass(frozen=True)
+class Option:
+    type: Any
+    default: Any
+    help: str
+    check: Callable[[str, Any], None] | None = None
+    meta: dict = field(default_factory=dict)  # cliutil: choices, short, positional, optional, cli, auto
+
+    def field(self, default=MISSING, **meta) -> dataclasses.Field:
+        value = self.default if default is MISSING else default
+        meta = {"help": self.help, **self.meta, **meta}
+        if isinstance(value, (dict, list)):
+            return field(default_factory=lambda: type(value)(value), metadata=meta)
+        return field(default=value, metadata=meta)
+
+
+_DEVICE = ("auto", "cpu", "cuda")
+_PRECISION = ("auto", "fp32", "bf16", "fp16")
+
+OPTIONS: dict[str, Option] = {
+    # storage
+    "storage_options": Option(dict, {}, "fsspec storage options as JSON, e.g. '{\"endpoint_url\": ...}'"),
+    # cluster
+    "address": Option(str | None, None, "Ray cluster address (default: RAY_ADDRESS, else start Ray embedded)"),
+    "quiet": Option(bool, False, "no progress output"),
+    # pool
+    "actors": Option(str, "", "predictor actor pool size MIN:MAX (default: one per GPU, else one per --threads CPUs)", _actors),
+    "threads": Option(int | None, None, "torch threads per CPU predictor actor (default: 1, or the CPUs / --actors)", _at_least(1)),
+    # model
+    "model": Option(str, "lraspp_mobilenet_v3_large", "model architecture", meta={"choices": MODEL_NAMES}),
+    "num_classes": Option(int, 2, "number of classes, background included", _between(1, 255, "between 1 and 255"),
+                          {"auto": "3 for shapes, 2 for blobs"}),
+    "weights": Option(str | None, None, "torchvision weights name (e.g. DEFAULT); needs a model hub"),
+    "checkpoint": Option(str | None, None, "rayseg checkpoint directory URL (overrides --model/--num-classes)"),
+    "input_size": Option(int | None, None, "side of the square model input (default: checkpoint's, else 256)", _at_least(16)),
+    # read
+    "h5_key": Option(str, "images", "HDF5 dataset holding the images"),
+    "image_column": Option(str, "image", "Parquet column holding encoded image bytes"),
+    "max_pixels": Option(int, 100_000_000, "refuse images with more pixels than this (decompression bombs)", _at_least(1)),
+    # labelled
+    "data": Option(tuple[str, ...], (), "labelled data: HDF5/tar shards or folders with images/ and masks/"),
+    "mask_key": Option(str, "masks", "HDF5 dataset holding the masks"),
+    # predict
+    "batch_size": Option(int | None, None, "images per model batch (in train: per worker and step)", _at_least(1),
+                         {"auto": "16 on CPU; on a GPU the largest power of two up to 256 whose forward pass fits in half the free device memory"}),
+    "device": Option(str, "auto", "auto, cpu or cuda", meta={"choices": _DEVICE}),
+    "precision": Option(str, "auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16", meta={"choices": _PRECISION}),
+    "tile": Option(int | None, None, "tile side for large images (default: the input size, when an image is over 2x it)", _at_least(16)),
+    "overlap": Option(float, 0.25, "fraction of a tile shared with its neighbours", _overlap),
+    "tta": Option(str, "none", "test-time augmentation: none or flip", meta={"choices": ("none", "flip")}),
+    "compile": Option(bool, False, "torch.compile the model"),
+    # output
+    "inputs": Option(tuple[str, ...], (), "input paths, globs or URLs (any fsspec protocol)",
+                     meta={"positional": True, "optional": True}),  # optional: a --config YAML may give them
+    "output": Option(str, "", "output folder URL (report: the segment output it describes)", meta={"short": "-o"}),
+    "mask_format": Option(str, "png", "png, rle or both", meta={"choices": ("png", "rle", "both")}),
+    "objects": Option(bool, False, "also write one row per connected component to OUT/objects/"),
+    "min_area": Option(int, 0, "with --objects: drop components smaller than this many pixels", _at_least(0)),
+    "overwrite": Option(bool, False, "replace a non-empty output folder"),
+    # evaluate, bench
+    "json": Option(str | None, None, "also write the results as JSON to this file or URL"),
+    "workdir": Option(str | None, None, "folder for the generated archives and outputs; bench keeps it and reuses an archive "
+                                        "made there before (bench default: a temporary folder, removed)"),
+    # train
+    "val_data": Option(tuple[str, ...], (), "labelled validation data, same layouts"),
+    "class_names": Option(tuple[str, ...], (), "class names, background first (default: class_0, class_1, ...)"),
+    "epochs": Option(int, 10, "epochs to train (a resumed run continues up to this many)", _at_least(1)),
+    "lr": Option(float, 1e-3, "peak learning rate (AdamW, warm-up then cosine decay)"),
+    "weight_decay": Option(float, 1e-4, "AdamW weight decay"),
+    "loss": Option(str, "ce_dice", "ce_dice: softmax cross-entropy + Dice; bce_dice: sigmoid BCE + Dice (2 classes only)",
+                   meta={"choices": ("ce_dice", "bce_dice")}),
+    "workers": Option(int, 2, "Ray Train workers (DDP ranks)", _at_least(1)),
+    "use_gpu": Option(bool, False, "one GPU per worker (NCCL, bf16 autocast)"),
+    "seed": Option(int, 0, "random seed (model initialisation, augmentations, samples); the same seed gives the same result"),
+    "max_failures": Option(int, 3, "worker failures to recover from (from the last checkpoint)"),
+    "keep_checkpoints": Option(int, 2, "checkpoints kept: this many best by val mIoU, plus the latest", _at_least(1)),
+    # bench
+    "input": Option(tuple[str, ...], (), "archive to measure on (paths, globs or URLs; default: a synthetic one is made)"),
+    "count": Option(int, 2000, "number of images (bench: in the large run)", _at_least(1)),
+    "small_count": Option(int, 200, "images in the small run; steady state = the difference of the two runs"),
+    "image_size": Option(int | None, None, "side of the synthetic images (default: the input size, 256)"),
+    "layout": Option(str, "tar", "layout of the synthetic archive", meta={"choices": LAYOUTS}),
+    # synth
+    "out": Option(str, "", "output folder URL (any fsspec protocol)"),
+    "labelled": Option(bool | None, None, "write masks too", meta={"auto": "when the layout can hold them"}),
+    "min_size": Option(int, 64, "smallest image side in pixels"),
+    "max_size": Option(int, 128, "largest image side in pixels"),
+    "shards": Option(int, 1, "number of shard files for the h5, tar and parquet layouts", _at_least(1)),
+    "generator": Option(str, "shapes", "shapes of several classes, or two-class blobs", meta={"choices": GENERATORS}),
+    "image_format": Option(str, "png", "image encoding for files, folders, tar and parquet", meta={"choices": IMAGE_FORMATS}),
+    "metadata": Option(bool, False, "tar layout: add a KEY.json member holding {\"key\": KEY} per image"),
+    "repeat": Option(int, 1, "measure everything this many times, interleaved, and report the median of each figure", _at_least(1)),
+    "min_seconds": Option(float, 8.0, "time the model-only loop for at least this long"),
+    # report
+    "html": Option(str, "", "HTML file to write"),
+    "sample": Option(int, 12, "random images to show", _at_least(0)),
+    "png": Option(str | None, None, "also write each overlay as a PNG file into this folder"),
+    # nightly
+    "commit_every": Option(int, 10_000, "commit a wave once it holds this many images (whole shards only); a killed run "
+                                        "redoes at most one wave", _at_least(1)),
+    "commit_mb": Option(int, 128, "also commit a wave once its output file reaches this many MB", _at_least(1)),
+    "lease_seconds": Option(float, 300.0, "a run's lease on OUT lasts this long unless renewed (every third of it); "
+                                          "the lease of a killed run expires after it", _between(5, 86400, "between 5 and 86400")),
+    "lease_wait": Option(float, 0.0, "seconds to wait for another run's lease on OUT before giving up (0: give up at once)",
+                         _between(0, 86400, "between 0 and 86400")),
+    "status": Option(bool, False, "print the backlog (shards new, changed, done) and exit, without starting Ray"),
+}
+
+STORAGE = ("storage_options",)
+CLUSTER = ("address", "quiet")
+POOL = ("actors", "threads")
+MODEL = ("model", "num_classes", "weights", "checkpoint", "input_size")
+READ = ("h5_key", "image_column", "max_pixels")
+LABELLED = ("data", "h5_key", "mask_key", "max_pixels")
+PREDICT = ("batch_size", "device", "precision", "tile", "overlap", "tta", "compile")
+OUTPUT = ("output", "mask_format", "objects", "min_area", "overwrite")
+
+
+def _check_options(cfg) -> None:
+    for f in dataclasses.fields(cfg):
+        opt = OPTIONS.get(f.name)
+        if opt is not None and opt.check is not None:
+            opt.check(f"--{f.name.replace('_', '-')}", getattr(cfg, f.name))
+
+
+def compose(name: str, *groups: tuple[str, ...], defaults: dict | None = None, hidden: tuple[str, ...] = (),
+            positional: tuple[str, ...] = (), check: Callable[[Any], None] | None = None, doc: str = "") -> type:
+    """A frozen dataclass with the options of `groups` in order (a name repeated keeps its first place).
+
+    `defaults` replaces an option's default for this command; `hidden` options keep their field but get no flag;
+    `positional` ones are this command's positional argument.
+    Every option's own check runs, then `check(cfg)` for what ties options together.
+    """
+    defaults = defaults or {}
+    names = list(dict.fromkeys(n for g in groups for n in g))
+    fields = []
+    for n in names:
+        extra = {"cli": False} if n in hidden else {"positional": True} if n in positional else {}
+        fields.append((n, OPTIONS[n].type, OPTIONS[n].field(defaults.get(n, MISSING), **extra)))
+
+    def __post_init__(self):
+        _check_options(self)
+        if check is not None:
+            check(self)
+
+    def of(cls, other):
+        """This group's fields taken from any config that has them (e.g. the predict group of a SegmentConfig)."""
+        return cls(**{f.name: getattr(other, f.name) for f in dataclasses.fields(cls)})
+
+    ns = {"__post_init__": __post_init__, "of": classmethod(of), "__doc__": doc or f"Options: {', '.join(names)}.", "__module__": __name__}
+    return dataclasses.make_dataclass(name, fields, frozen=True, namespace=ns)
+
+
+def _require(flag: str, value, message: str) -> None:
+    if not value:
+        raise UserError(message or f"{flag} is required")
+
+
+# ---- the groups that stages take whole ------------------------------------------------------------
+
+PredictConfig = compose("PredictConfig", PREDICT, doc="What the predictor takes: batch, device, precision, tiling, TTA.")
+ModelConfig = compose("ModelConfig", MODEL, doc="How to get a model: a rayseg checkpoint, or an architecture built fresh.")
+
+
+# ---- the commands ---------------------------------------------------------------------------------
+
+
+def _check_segment(cfg) -> None:
+    _require("INPUT", cfg.inputs, "give at least one INPUT path, glob or URL")
+    _require("--output", cfg.output, "--output is required")
+
+
+SegmentConfig = compose("SegmentConfig", MODEL, ("inputs",), OUTPUT, STORAGE, READ, PREDICT, POOL, CLUSTER,
+                        check=_check_segment, doc="`rayseg segment`: inputs, model, output, and how to run.")
+
+
+def _check_nightly(cfg) -> None:
+    _check_segment(cfg)
+    if cfg.overwrite:
+        raise UserError("nightly never clears its output; remove the overwrite option")
+
+
+NightlyConfig = compose("NightlyConfig", MODEL, ("inputs",), OUTPUT, STORAGE, READ, PREDICT, POOL, CLUSTER,
+                        ("commit_every", "commit_mb", "lease_seconds", "lease_wait", "status"),
+                        hidden=("overwrite",), check=_check_nightly,
+                        doc="`rayseg nightly`: segment's options, how often to commit, and the lease on OUT; OUT is never cleared.")
+
+
+def _check_evaluate(cfg) -> None:
+    _require("--checkpoint", cfg.checkpoint, "--checkpoint is required")
+    _require("--data", cfg.data, "--data is required: labelled data to evaluate on")
+
+
+EvalConfig = compose("EvalConfig", ("checkpoint",), LABELLED, ("json",), PREDICT, POOL, STORAGE, CLUSTER,
+                     defaults={"batch_size": 16}, check=_check_evaluate, doc="`rayseg evaluate`: a checkpoint scored on labelled data.")
+
+
+def _check_train(cfg) -> None:
+    _require("--data", cfg.data, "--data is required: labelled training data")
+    _require("--val-data", cfg.val_data, "--val-data is required: labelled validation data (the best checkpoint is picked on it)")
+    _require("--output", cfg.output, "--output is required")
+    if not 2 <= cfg.num_classes <= 255:
+        raise UserError("--num-classes must be between 2 and 255")
+    if cfg.class_names and len(cfg.class_names) != cfg.num_classes:
+        raise UserError(f"--class-names gives {len(cfg.class_names)} names for --num-classes {cfg.num_classes}")
+    if cfg.loss == "bce_dice" and cfg.num_classes != 2:
+        raise UserError("--loss bce_dice is for one foreground class: it needs --num-classes 2")
+    if not cfg.lr > 0:
+        raise UserError("--lr must be positive")
+
+
+TrainConfig = compose("TrainConfig", LABELLED, ("val_data", "output", "model", "num_classes", "class_names", "input_size", "epochs",
+                                                "batch_size", "lr", "weight_decay", "loss", "workers", "use_gpu", "seed",
+                                                "max_failures", "keep_checkpoints"), STORAGE, CLUSTER,
+                      defaults={"model": "unet", "input_size": 256, "batch_size": 8}, check=_check_train,
+                      doc="`rayseg train`: labelled data, model, schedule, workers.")
+
+
+def _check_bench(cfg) -> None:
+    if cfg.layout == "folders":
+        raise UserError("--layout folders holds labelled pairs; bench measures files, tar, h5 or parquet")
+    if cfg.count < 2 or cfg.small_count < 1 or cfg.small_count >= cfg.count:
+        raise UserError("need 1 <= --small-count < --count")
+
+
+BenchConfig = compose("BenchConfig", MODEL, ("input", "count", "small_count", "image_size", "layout"),
+                      ("batch_size", "device", "precision", "compile"), POOL, ("repeat", "json", "workdir", "min_seconds"),
+                      defaults={"batch_size": 16}, check=_check_bench,
+                      doc="`rayseg bench`: model-only, naive loop and pipeline on one archive.")
+
+DemoConfig = compose("DemoConfig", ("workdir", "address"), defaults={"workdir": "rayseg-demo"},
+                     doc="`rayseg demo`: where to put everything, and which Ray to use.")
+
+
+def _check_report(cfg) -> None:
+    _require("OUT", cfg.output, "give the segment output folder OUT")
+    _require("--html", cfg.html, "--html FILE is required")
+
+
+ReportConfig = compose("ReportConfig", ("output", "html", "sample", "png", "seed"), STORAGE, positional=("output",),
+                       check=_check_report, doc="`rayseg report`: the segment output (OUT) and what to show of it.")
+
+SynthConfig = compose("SynthConfig", ("out", "layout", "labelled", "count", "seed", "num_classes", "min_size", "max_size", "shards",
+                                      "generator", "image_format", "metadata"), STORAGE,
+                      defaults={"layout": "h5", "count": 100, "num_classes": None}, positional=("out",),
+                      doc="`rayseg synth`: what archive to write; checked further by synth.check_options.")
+
+COMMAND_CONFIGS = {"synth": SynthConfig, "segment": SegmentConfig, "nightly": NightlyConfig, "evaluate": EvalConfig, "train": TrainConfig,
+                   "bench": BenchConfig, "demo": DemoConfig, "report": ReportConfig}
+
+
+def public_config(cfg) -> dict:
+    """A config as a dict that is safe to log, write or hand to workers: credentials in storage options redacted."""
+    from rayseg.storage import redact
+
+    d = asdict(cfg)
+    if "storage_options" in d:
+        d["storage_options"] = redact(cfg.storage_options)
+    return d

@@ -15,6 +15,8 @@ import os
 import shutil
 import time
 
+from rayseg.cliutil import add_command
+from rayseg.config import DemoConfig
 from rayseg.errors import UserError
 
 log = logging.getLogger("rayseg")
@@ -37,7 +39,8 @@ def demo(workdir: str = "rayseg-demo", *, train_count: int = 256, val_count: int
     """Run the demo; returns {paths..., miou, timings}. The defaults reach mIoU >= 0.85 on 2 CPU cores."""
     from rayseg.evaluate import evaluate
     from rayseg.metrics import format_table
-    from rayseg.pipeline import ensure_ray, segment
+    from rayseg.runtime import ensure_ray
+    from rayseg.segment import segment
     from rayseg.synth import write_archive
     from rayseg.train import train
 
@@ -86,11 +89,8 @@ def demo(workdir: str = "rayseg-demo", *, train_count: int = 256, val_count: int
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="synthesize data, train, segment and evaluate: the whole loop in minutes, offline",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default="rayseg-demo", help="folder for data, run, segments and eval.json (default: ./rayseg-demo)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else start Ray embedded)")
-    p.set_defaults(func=_run)
+    add_command(sub, "demo", DemoConfig, lambda cfg: print(report(demo(cfg.workdir, address=cfg.address))),
+                help="synthesize data, train, segment and evaluate: the whole loop in minutes, offline", description=__doc__.split("\n\n")[0])
 
 
 def report(r: dict) -> str:
@@ -107,8 +107,3 @@ held-out test mIoU {r['test_miou']:.4f} on {r['test_images']} images (best valid
 timings (s): {json.dumps(r['timings_s'])}
 
 next: rayseg segment YOUR_IMAGES --checkpoint {r['best_checkpoint']} --output OUT"""
-
-
-def _run(args) -> int:
-    print(report(demo(args.workdir, address=args.address)))
-    return 0

@@ -1,244 +1,180 @@
-"""`rayseg nightly`: segment only the shards no earlier run has committed, and commit each one exactly once.
+"""`rayseg nightly`: segment only the shards not yet committed under the current model and output options, and
+commit them in waves, each exactly once.
 
     rayseg nightly 's3://archive/shards/*.tar' --output s3://masks/nightly --checkpoint s3://models/prod/best
+    rayseg nightly 's3://archive/shards/*.tar' --output s3://masks/nightly --checkpoint s3://models/prod/best --status
 
-Layout of OUT (readers of OUT/images ignore names starting with _ or .):
+Layout of OUT (read it with `rayseg.read_table(OUT)`; see rayseg/table.py):
 
-    images/<shard hash>-<model hash>.parquet   one file per shard, all its rows; appears whole (temp file + rename)
-    _ledger/<shard hash>.json                  one record per committed shard, written after its file
-    _staging/<run id>/shard_key=<shard hash>/  this run's Ray Data output; removed once published
-    _runs/<run id>.json                        the summary of each run (also printed)
+    images/              a Delta table: one row per image, objects (with --objects) inside their image's row
+    _manifest/           the committed shards: URL, size, version, key, file (a snapshot + the parts of recent waves)
+    _lease.json          the lease of the run writing OUT (rayseg/lease.py)
+    _runs/<run id>.json  the summary of each run (also printed)
 
-A shard is done when its ledger record matches its URL, size, version (ETag or mtime) and the model digest, so
-a changed shard or a new model reprocesses it, and its new file replaces the old one. A run killed at any point
-leaves either no record (the shard is redone and its file overwritten: same name) or a record whose file is
-already in place. Runs over one OUT must not overlap: each run removes the staging and temp files it finds.
+A shard is done when the manifest holds it with the same size, version (ETag or mtime) and key. The key is a hash
+of the model digest and every option that changes a row (output_key), so a changed shard, a new model or a new
+output option reprocesses it, and its new rows replace the old in the commit that adds them.
 
 "failed" in the summary: shards committed this run whose rows are all errors (unreadable shard, no decodable
-image). They are committed like any other (their error rows are the record of the failure) and are not retried
-until the shard or the model changes.
+image). They are committed like any other and not retried until the shard, the model or an output option changes.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import logging
-import posixpath
-import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-from rayseg import storage
+from rayseg import layout, storage, table
 from rayseg.cliutil import add_command, config_from, print_summary
-from rayseg.config import SegmentConfig, _f, public_config
+from rayseg.config import NightlyConfig, public_config
 from rayseg.errors import UserError
 
 log = logging.getLogger("rayseg")
 
-IMAGES_DIR, LEDGER_DIR, STAGING_DIR, RUNS_DIR = "images", "_ledger", "_staging", "_runs"
-KEY_COLUMN = "shard_key"
-PUBLISH_THREADS = 8  # publishing is storage round trips (read staging, put, rename, put record): threads hide latency
+RUNS_DIR = "_runs"
+# Every option that changes what a row holds. Not here: batch size, actors, threads, compile, address (same rows).
+KEYED_OPTIONS = ("input_size", "tile", "overlap", "tta", "mask_format", "objects", "min_area", "precision", "device",
+                 "max_pixels", "h5_key", "image_column")
 
 
-@dataclass(frozen=True)
-class NightlyConfig(SegmentConfig):
-    """All of segment's options; OUT is never cleared, so --overwrite does not exist here."""
-
-    overwrite: bool = _f(False, "not used by nightly", cli=False)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.overwrite:
-            raise UserError("nightly never clears its output; remove the overwrite option")
-        if self.objects:
-            raise UserError("nightly does not write --objects yet; run segment for object tables")
+def output_key(cfg: NightlyConfig, digest: str) -> str:
+    keyed = {"model_digest": digest, **{k: getattr(cfg, k) for k in KEYED_OPTIONS}}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def shard_key(url: str) -> str:
-    return hashlib.sha256(url.encode()).hexdigest()[:24]
+def backlog(shards: list[storage.Shard], records: dict[str, dict], key: str) -> dict[str, list[storage.Shard]]:
+    """Shards split into new (never committed), changed (committed for another version or key) and done."""
+    out: dict[str, list[storage.Shard]] = {"new": [], "changed": [], "done": []}
+    for s in shards:
+        r = records.get(s.url)
+        if r is None:
+            out["new"].append(s)
+        elif (r["size"], r["version"], r["key"]) == (s.size, s.version, key):
+            out["done"].append(s)
+        else:
+            out["changed"].append(s)
+    return out
 
 
-def model_key(digest: str) -> str:
-    """File-name part for a model: the checkpoint digest's prefix, or a hash of names like 'random-seed0'."""
-    if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
-        return digest[:16]
-    return hashlib.sha256(digest.encode()).hexdigest()[:16]
+def _check_layout(cfg: NightlyConfig) -> None:
+    if storage.is_nonempty(storage.join(cfg.output, "_ledger"), cfg.storage_options) and not table.is_table(cfg.output, cfg.storage_options):
+        raise UserError(f"{cfg.output} holds the per-shard ledger of an older rayseg nightly; give a new --output folder")
 
 
-def published_name(url: str, digest: str) -> str:
-    return f"{shard_key(url)}-{model_key(digest)}.parquet"
+def status(cfg: NightlyConfig, shards, key: str) -> dict:
+    """--status: the backlog, from the manifest alone (no lease taken, no Ray started)."""
+    from rayseg.lease import holder
+
+    state = table.read_state(cfg.output, cfg.storage_options)
+    b = backlog(shards, state.records, key)
+    lease = holder(cfg.output, cfg.storage_options)
+    return {"command": "nightly", "status": True, "output": cfg.output, "output_key": key, "shards": len(shards),
+            "shards_new": len(b["new"]), "shards_changed": len(b["changed"]), "shards_done": len(b["done"]),
+            "images_done": sum(state.records[s.url]["rows"] for s in b["done"]), "table_version": state.version,
+            "running": {k: lease[k] for k in ("run_id", "host", "pid", "acquired_at", "progress")} if lease else None}
 
 
-def read_ledger(output: str, storage_options: dict) -> dict[str, dict]:
-    """shard URL -> its ledger record."""
-    fs, path = storage.filesystem(storage.join(output, LEDGER_DIR), storage_options)
-    fs.invalidate_cache(path)  # object-store filesystems cache listings per process; another run may have written since
-    try:
-        names = [p for p in fs.ls(path, detail=False) if p.endswith(".json") and not posixpath.basename(p).startswith(".")]
-    except FileNotFoundError:
-        return {}
-    records = {}
-    for name, data in (fs.cat(names) if names else {}).items():
-        try:
-            rec = json.loads(data)
-            records[rec["shard_url"]] = rec
-        except (ValueError, KeyError, TypeError):  # a hand-edited or foreign file: its shard is redone, not trusted
-            log.warning("ignoring unreadable ledger record %s", name)
-    return records
+def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, run_id: str) -> tuple[list[dict], dict]:
+    """One Ray Data plan over the pending shards, committed wave by wave; returns (waves, cluster)."""
+    import ray
 
+    from rayseg import runtime
+    from rayseg.segment import build_plan, work_units
+    from rayseg.waves import WaveWriter
 
-def is_done(record: dict | None, shard: storage.Shard, digest: str) -> bool:
-    return bool(record) and (record["size"], record["version"], record["model_digest"]) == (shard.size, shard.version, digest)
-
-
-def clean_leftovers(output: str, storage_options: dict, keep_run: str | None = None) -> int:
-    """Remove staging folders and publish temp files that killed runs left behind; returns how many."""
-    fs, root = storage.filesystem(output, storage_options)
-    removed = 0
-    for sub, stale in ((STAGING_DIR, lambda n: n != keep_run), (IMAGES_DIR, lambda n: n.startswith(".") and n.endswith(".tmp"))):
-        fs.invalidate_cache(posixpath.join(root, sub))
-        try:
-            entries = fs.ls(posixpath.join(root, sub), detail=False)
-        except FileNotFoundError:
-            continue
-        for p in entries:
-            if stale(posixpath.basename(p.rstrip("/"))):
-                fs.rm(p, recursive=True)
-                removed += 1
-    return removed
-
-
-def _with_shard_key(table):
-    import pyarrow as pa
-
-    keys = pa.array([shard_key(u) for u in table.column("shard").to_pylist()], pa.string())
-    return table.append_column(KEY_COLUMN, keys)
-
-
-def publish(shard: storage.Shard, digest: str, cfg: NightlyConfig, run_id: str, existing: list[str]) -> dict:
-    """Commit one shard: its staged rows become one file in OUT/images, older files of the shard go, then the record."""
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
-
-    from rayseg.stats import SCHEMA
-
-    so = cfg.storage_options
-    key = shard_key(shard.url)
-    staged_url = storage.join(cfg.output, STAGING_DIR, run_id, f"{KEY_COLUMN}={key}")
-    pa_fs, staged = storage.pyarrow_filesystem(staged_url, so)
-    try:
-        table = pads.dataset(staged, filesystem=pa_fs, format="parquet", schema=SCHEMA).to_table()
-    except FileNotFoundError:  # a shard that yields no rows (an empty HDF5 dataset or Parquet file)
-        table = SCHEMA.empty_table()
-    table = table.sort_by("image_id")
-
-    fs, images = storage.filesystem(storage.join(cfg.output, IMAGES_DIR), so)
-    name = published_name(shard.url, digest)
-    files = []
-    if table.num_rows:
-        tmp = posixpath.join(images, f".{name}.{run_id}.tmp")
-        with fs.open(tmp, "wb") as f:
-            pq.write_table(table, f)
-        fs.mv(tmp, posixpath.join(images, name))  # a rename on local disks; on object stores the key appears whole
-        files = [name]
-    for old in existing:  # the same shard under an older model (a changed shard keeps its name: overwritten above)
-        if old.startswith(f"{key}-") and old != name:
-            try:
-                fs.rm(posixpath.join(images, old))
-            except FileNotFoundError:  # gone already: this publish is a retry
-                pass
-    errors = table.num_rows - table.column("error").null_count
-    record = {"shard_url": shard.url, "size": shard.size, "version": shard.version, "model_digest": digest,
-              "files": files, "rows": table.num_rows, "errors": errors, "run_id": run_id,
-              "committed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
-    storage.write_json(storage.join(cfg.output, LEDGER_DIR, f"{key}.json"), record, so)
-    return record
+    runtime.ensure_ray(cfg.address, cfg.quiet)
+    runtime.configure_data(cfg.quiet)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # waves close at shard boundaries
+    units = work_units(pending)
+    by_url = {s.url: s for s in pending}
+    order = [by_url[u] for unit in units for u in unit["urls"]]  # the order rows arrive in
+    writer = WaveWriter(order, state, lease, cfg, key, run_id)
+    for batch in build_plan(cfg, units, bundle).iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        writer.add(batch)
+    writer.finish()
+    return writer.waves, runtime.cluster_summary()
 
 
 def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
     """Run `rayseg nightly`; returns the summary also written to OUT/_runs/<run id>.json."""
     cfg = config if config is not None else config_from(NightlyConfig, kwargs)
-    started, t0 = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+    started, t0 = layout.now(), time.perf_counter()
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     so = cfg.storage_options
+    _check_layout(cfg)
     shards, ignored = storage.discover(cfg.inputs, so)
 
     from rayseg.models import load_bundle
 
     bundle = load_bundle(cfg.checkpoint, cfg.model, cfg.num_classes, cfg.weights, cfg.input_size, so)
-    ledger = read_ledger(cfg.output, so)
-    pending = [s for s in shards if not is_done(ledger.get(s.url), s, bundle.digest)]
-    changed = sum(1 for s in pending if s.url in ledger)
-    cleaned = clean_leftovers(cfg.output, so)
-    log.info("nightly %s: %d shards, %d already committed, %d to segment", run_id, len(shards), len(shards) - len(pending), len(pending))
+    key = output_key(cfg, bundle.digest)
+    if cfg.status:
+        return status(cfg, shards, key)
+    state = table.read_state(cfg.output, so)
+    b = backlog(shards, state.records, key)
+    waves, cluster, previous, vacuumed = [], None, None, 0
+    if b["new"] or b["changed"]:
+        from rayseg.lease import Lease
 
-    records: list[dict] = []
-    cluster = None  # Ray is only started (or joined) when there is work
-    if pending:
-        import ray
-
-        from rayseg.pipeline import ENCODE_CPUS, WRITE_ARGS, build_plan, ensure_ray
-
-        ensure_ray(cfg.address, cfg.quiet)
-        ray.data.DataContext.get_current().enable_progress_bars = not cfg.quiet and sys.stderr.isatty()
-        res = ray.cluster_resources()
-        cluster = {"nodes": sum(n["Alive"] for n in ray.nodes()), "CPU": res.get("CPU", 0), "GPU": res.get("GPU", 0)}
-        pa_fs, staging = storage.pyarrow_filesystem(storage.join(cfg.output, STAGING_DIR, run_id), so)
-        # One plan for all pending shards; rows land in one folder per shard, so each shard commits on its own.
-        ds = build_plan(cfg, pending, bundle).map_batches(_with_shard_key, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-                                                          num_cpus=ENCODE_CPUS)  # fuses with encode and the write
-        ds.write_parquet(staging, filesystem=pa_fs, partition_cols=[KEY_COLUMN], ray_remote_args=WRITE_ARGS)
-
-        fs, images = storage.filesystem(storage.join(cfg.output, IMAGES_DIR), so)
-        fs.makedirs(images, exist_ok=True)
-        fs.invalidate_cache(images)
-        try:
-            existing = [posixpath.basename(p) for p in fs.ls(images, detail=False)]
-        except FileNotFoundError:  # object stores have no empty folders
-            existing = []
-        with ThreadPoolExecutor(PUBLISH_THREADS) as pool:
-            # publish is idempotent (same file name, same record), so a transient storage error just redoes it
-            records = list(pool.map(lambda s: storage.retry(publish, s, bundle.digest, cfg, run_id, existing,
-                                                            what=f"publishing {s.url}"), pending))
-        storage.remove(storage.join(cfg.output, STAGING_DIR, run_id), so)
-
-    failed = [r["shard_url"] for r in records if r["rows"] and r["errors"] == r["rows"]]
-    summary = {
-        "command": "nightly",
-        "run_id": run_id,
-        "date": started.date().isoformat(),
-        "output": cfg.output,
-        "images_table": storage.join(cfg.output, IMAGES_DIR),
-        "nothing_new": not pending,
-        "message": f"committed {len(records)} new or changed shard(s)" if pending else "nothing new: every shard is committed for this model",
-        "shards": len(shards),
-        "shards_new": len(records),
-        "shards_changed": changed,
-        "shards_skipped": len(shards) - len(pending),
-        "shards_failed": len(failed),
-        "failed_shards": failed[:20],
-        "failed_means": "committed this run with every row an error (nothing segmented); not retried until the shard or model changes",
-        "rows": sum(r["rows"] for r in records),
-        "errors": sum(r["errors"] for r in records),
-        "leftovers_removed": cleaned,
-        "ignored_files": ignored,
-        "model": bundle.label,
-        "model_digest": bundle.digest,
-        "cluster": cluster,
-        "config": {k: v for k, v in public_config(cfg).items() if k != "overwrite"},  # nightly has no overwrite
-        "started_at": started.isoformat(),
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "elapsed_s": round(time.perf_counter() - t0, 3),
-        "rayseg_version": __import__("rayseg").__version__,
-    }
+        with Lease(cfg.output, so, run_id, cfg.lease_seconds, cfg.lease_wait) as lease:
+            previous = lease.previous
+            table.open_table(cfg.output, so, create=True)
+            state = table.read_state(cfg.output, so)  # again, under the lease: another run may have committed meanwhile
+            b = backlog(shards, state.records, key)
+            table.compact_manifest(cfg.output, so, state)  # parts a killed run left
+            if b["new"] or b["changed"]:
+                waves, cluster = segment_waves(cfg, sorted(b["new"] + b["changed"], key=lambda s: s.url), bundle, state, lease, key, run_id)
+                table.compact_manifest(cfg.output, so, state)
+                vacuumed = table.vacuum(state)
+    summary = make_summary(cfg, run_id, shards, b, waves, state, previous, bundle, key, ignored, cluster, vacuumed)
+    summary.update(layout.summary_tail(started, t0))
     storage.write_json(storage.join(cfg.output, RUNS_DIR, f"{run_id}.json"), summary, so)
     return summary
 
 
+def make_summary(cfg, run_id, shards, b, waves, state, previous, bundle, key, ignored, cluster, vacuumed) -> dict:
+    committed = {r["shard_url"]: r for r in state.records.values() if r["run_id"] == run_id}
+    pending = [s.url for s in b["new"] + b["changed"] if s.url not in committed]
+    failed = [u for u, r in committed.items() if r["rows"] and r["errors"] == r["rows"]]
+    lost = (previous or {}).get("progress") or {}
+    rows = sum(w["rows"] for w in waves)
+    return {
+        "command": "nightly",
+        "run_id": run_id,
+        "date": layout.now().date().isoformat(),
+        "output": cfg.output,
+        "images_table": storage.join(cfg.output, layout.IMAGES_DIR),
+        "nothing_new": not waves,
+        "message": (f"committed {len(committed)} new or changed shard(s) in {len(waves)} wave(s)" if waves
+                    else "nothing new: every shard is committed for this model and these output options"),
+        "shards": len(shards),
+        "shards_new": len(committed),
+        "shards_changed": len(b["changed"]),
+        "shards_skipped": len(b["done"]),
+        "shards_pending": len(pending),
+        "shards_failed": len(failed),
+        "failed_shards": failed[:20],
+        "failed_means": "committed this run with every row an error (nothing segmented); not retried until the shard, model or options change",
+        "rows": rows,
+        "errors": sum(w["errors"] for w in waves),
+        "waves": waves,
+        "table_version": state.version,
+        "redone_after_kill": {"run_id": previous["run_id"], "images_in_flight": lost.get("images_in_flight", 0),
+                              "shards_in_flight": lost.get("shards_in_flight", 0)} if previous else None,
+        "files_vacuumed": vacuumed,
+        "ignored_files": ignored,
+        "model": bundle.label,
+        "model_digest": bundle.digest,
+        "output_key": key,
+        "cluster": cluster,
+        "config": {k: v for k, v in public_config(cfg).items() if k != "overwrite"},  # nightly has no overwrite
+    }
+
+
 def register(sub) -> None:
     add_command(sub, "nightly", NightlyConfig, lambda cfg: print_summary(nightly(cfg)),
-                help="segment only new or changed shards and commit each exactly once", description=__doc__.split("\n\n")[0])
+                help="segment only new or changed shards and commit them in waves, each exactly once",
+                description=__doc__.split("\n\n")[0])

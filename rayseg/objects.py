@@ -17,8 +17,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pycocotools import mask as coco_mask
 
-OBJECTS_DIR = "objects"
-
 RLE_STRUCT = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 OBJECT_STRUCT = pa.struct([
     ("class", pa.int32()),

@@ -57,19 +57,21 @@ class Counter:
         return {"units": self.units, "read": self.read, "done": self.done, "errors": self.errors}
 
 
-def read_counted(batch: dict[str, np.ndarray], counter, **kwargs) -> Iterator[dict]:
-    """shards.read_units, reporting to the counter once its work units are fully read."""
+def read_stage(batch: dict[str, np.ndarray], counter=None, **kwargs) -> Iterator[dict]:
+    """The read stage: shards.read_units, reporting to the counter (if any) once its work units are fully read."""
     n = 0
     for out in read_units(batch, **kwargs):
         n += len(out["image_id"])
         yield out
-    counter.add_read.remote(len(batch["urls"]), n)  # fire and forget: progress must never slow the stage
+    if counter is not None:
+        counter.add_read.remote(len(batch["urls"]), n)  # fire and forget: progress must never slow the stage
 
 
-def encode_counted(batch: dict[str, np.ndarray], counter, **kwargs):
-    """stats.encode_batch, reporting images and errors done."""
+def encode_stage(batch: dict[str, np.ndarray], counter=None, **kwargs):
+    """The encode stage: stats.encode_batch, reporting images and errors done to the counter (if any)."""
     table = encode_batch(batch, **kwargs)
-    counter.add_done.remote(table.num_rows, table.num_rows - table["error"].null_count)
+    if counter is not None:
+        counter.add_done.remote(table.num_rows, table.num_rows - table["error"].null_count)
     return table
 
 

@@ -20,7 +20,6 @@ import json
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -30,12 +29,12 @@ import pyarrow.compute as pc
 
 from rayseg import storage
 from rayseg.cliutil import add_config_arguments, config_from_args
-from rayseg.config import _f
+from rayseg.config import ReportConfig
+from rayseg.layout import IMAGES_DIR, SUMMARY_FILE
 from rayseg.errors import UserError
 
 log = logging.getLogger("rayseg")
 
-IMAGES_DIR, SUMMARY_FILE = "images", "_rayseg.json"  # as rayseg.pipeline writes them (not imported: it pulls in Ray)
 SMALL_COLUMNS = ["image_id", "source", "height", "width", "class_pixels", "mean_confidence", "error"]
 EXTREMES = 3  # overlays shown for each extreme
 MAX_ERRORS_SHOWN = 1000
@@ -45,24 +44,6 @@ BINS = 20
 PALETTE = [(0, 0, 0), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
            (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (219, 219, 141), (158, 218, 229)]
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    output: str = _f("", "the segment output folder URL (holds images/ and _rayseg.json)", cli=False)
-    html: str = _f("", "HTML file to write")
-    sample: int = _f(12, "random images to show")
-    png: str | None = _f(None, "also write each overlay as a PNG file into this folder")
-    storage_options: dict = _f({}, "fsspec storage options as JSON, for the output and the source shards")
-    seed: int = _f(0, "seed of the random sample")
-
-    def __post_init__(self):
-        if not self.output:
-            raise UserError("give the segment output folder OUT")
-        if not self.html:
-            raise UserError("--html FILE is required")
-        if self.sample < 0:
-            raise UserError("--sample must be 0 or more")
 
 
 def colour(c: int) -> tuple[int, int, int]:
@@ -381,7 +362,6 @@ def render(cfg: ReportConfig, summary: dict, scan: Scan, groups, cards: dict[str
 def register(sub) -> None:
     p = sub.add_parser("report", help="write a static HTML report (overlays, histograms, errors) of a segment output",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("output", metavar="OUT", help="the segment output folder URL")
     add_config_arguments(p, ReportConfig)
     p.set_defaults(func=_run)
 

@@ -15,22 +15,19 @@ import colorsys
 import io
 import json
 import tarfile
-from dataclasses import dataclass
 from typing import Callable
 
 import cv2
 import numpy as np
 
 from rayseg.cliutil import add_config_arguments, config_from_args
-from rayseg.config import _f
+from rayseg.config import GENERATORS, LAYOUTS, SynthConfig
 from rayseg.errors import UserError
 
 # class 1 is a disc, class 2 a rectangle, ...; classes past the last kind cycle through them again
 SHAPE_KINDS = ("disc", "rectangle", "triangle", "ellipse", "ring")
-GENERATORS = ("shapes", "blobs")
 LABELLED_LAYOUTS = ("h5", "folders", "tar")
 UNLABELLED_LAYOUTS = ("files", "tar", "h5", "parquet")
-LAYOUTS = ("h5", "folders", "tar", "files", "parquet")
 IMAGE_FORMATS = {"png": ".png", "jpeg": ".jpg"}
 # below this, the smallest shapes shrink to a few pixels and stop being learnable
 SMALLEST_SIZE = 16
@@ -175,7 +172,8 @@ def sample_keys(count: int) -> list[str]:
     return [f"img-{i:0{digits}d}" for i in range(count)]
 
 
-def _split(count: int, shards: int) -> list[range]:
+def shard_ranges(count: int, shards: int) -> list[range]:
+    """The sample indices of each shard: 0..count-1 cut into `shards` consecutive runs of near-equal size."""
     bounds = np.linspace(0, count, shards + 1).round().astype(int)
     return [range(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
@@ -277,19 +275,10 @@ def write_archive(url: str, layout: str, count: int, *, labelled: bool, seed: in
                 put(f"images/{key}{ext}", _encode(image, ext))
                 put(f"masks/{key}.png", _encode(mask, ".png"))
     else:
-        for shard, indices in enumerate(_split(count, shards)):
+        for shard, indices in enumerate(shard_ranges(count, shards)):
             _write_shard(put, layout, shard, indices, keys, draw, size, labelled, ext, metadata)
-    return {
-        "url": url,
-        "layout": layout,
-        "labelled": labelled,
-        "count": count,
-        "seed": seed,
-        "generator": generator,
-        "num_classes": num_classes,
-        "class_names": class_names(num_classes, generator),
-        "files": written,
-    }
+    return {"url": url, "layout": layout, "labelled": labelled, "count": count, "seed": seed, "generator": generator,
+            "num_classes": num_classes, "class_names": class_names(num_classes, generator), "files": written}
 
 
 def _write_shard(put: Callable[[str, bytes], None], layout: str, shard: int, indices: range, keys: list[str],
@@ -323,35 +312,21 @@ def _write_shard(put: Callable[[str, bytes], None], layout: str, shard: int, ind
 # ---- command line -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SynthConfig:
-    out: str = _f("", "output folder URL", cli=False)
-    layout: str = _f("h5", "archive layout", choices=LAYOUTS)
-    labelled: bool | None = _f(None, "write masks too (default: when the layout can hold them)")
-    count: int = _f(100, "number of images")
-    seed: int = _f(0, "random seed: the same seed writes the same bytes")
-    num_classes: int | None = _f(None, "classes, background included (default: 3 for shapes, 2 for blobs)")
-    min_size: int = _f(64, "smallest image side in pixels")
-    max_size: int = _f(128, "largest image side in pixels")
-    shards: int = _f(1, "number of shard files for the h5, tar and parquet layouts")
-    generator: str = _f("shapes", "shapes of several classes, or two-class blobs", choices=GENERATORS)
-    image_format: str = _f("png", "image encoding for files, folders, tar and parquet", choices=tuple(IMAGE_FORMATS))
-    metadata: bool = _f(False, "tar layout: add a KEY.json member holding {\"key\": KEY} per image")
-    storage_options: dict = _f({}, "fsspec storage options as JSON, e.g. '{\"endpoint_url\": ...}'")
+def _complete(config: SynthConfig) -> SynthConfig:
+    """Defaults that depend on other options, then the checks of check_options."""
+    import dataclasses
 
-    def __post_init__(self):
-        if not self.out:
-            raise UserError("give the OUT folder URL")
-        if self.labelled is None:
-            object.__setattr__(self, "labelled", self.layout in LABELLED_LAYOUTS)
-        if self.num_classes is None:
-            object.__setattr__(self, "num_classes", 2 if self.generator == "blobs" else 3)
-        check_options(self.layout, self.count, labelled=self.labelled, seed=self.seed, num_classes=self.num_classes,
-                      min_size=self.min_size, max_size=self.max_size, shards=self.shards, generator=self.generator,
-                      image_format=self.image_format)
+    labelled = config.layout in LABELLED_LAYOUTS if config.labelled is None else config.labelled
+    num_classes = (2 if config.generator == "blobs" else 3) if config.num_classes is None else config.num_classes
+    config = dataclasses.replace(config, labelled=labelled, num_classes=num_classes)
+    check_options(config.layout, config.count, labelled=config.labelled, seed=config.seed, num_classes=config.num_classes,
+                  min_size=config.min_size, max_size=config.max_size, shards=config.shards, generator=config.generator,
+                  image_format=config.image_format)
+    return config
 
 
 def run(config: SynthConfig) -> dict:
+    config = _complete(config)
     return write_archive(config.out, config.layout, config.count, labelled=config.labelled, seed=config.seed,
                          num_classes=config.num_classes, min_size=config.min_size, max_size=config.max_size,
                          shards=config.shards, generator=config.generator, image_format=config.image_format,
@@ -367,7 +342,6 @@ def main(args: argparse.Namespace) -> int:
 def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("synth", help="write a synthetic image archive (deterministic by seed)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", metavar="OUT", help="output folder URL (any fsspec protocol)")
     add_config_arguments(parser, SynthConfig)
     parser.set_defaults(func=main)
     return parser

@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from rayseg import storage
 from rayseg.cliutil import add_command, config_from, print_summary
-from rayseg.config import MODEL_NAMES, _f, public_config
+from rayseg.config import TrainConfig, public_config
 from rayseg.errors import UserError
 from rayseg.metrics import ConfusionMatrix, nan_to_none
 from rayseg.models import CARD_FILE, IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_FILE, ModelCard
@@ -39,54 +39,6 @@ log = logging.getLogger("rayseg")
 
 RUN_NAME, BEST_DIR, SUMMARY_FILE, STATE_FILE = "run", "best", "train_summary.json", "train_state.pt"
 IGNORE = 255  # mask value of pixels padded in by augmentation: no loss, no score
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    data: tuple[str, ...] = _f((), "labelled training data: HDF5/tar shards or folders with images/ and masks/")
-    val_data: tuple[str, ...] = _f((), "labelled validation data, same layouts")
-    output: str = _f("", "run folder URL: checkpoints, best/ and train_summary.json", short="-o")
-    model: str = _f("unet", "model architecture", choices=MODEL_NAMES)
-    num_classes: int = _f(2, "number of classes, background included")
-    class_names: tuple[str, ...] = _f((), "class names, background first (default: class_0, class_1, ...)")
-    input_size: int = _f(256, "side of the square model input; training crops and validation resize to it")
-    epochs: int = _f(10, "epochs to train (a resumed run continues up to this many)")
-    batch_size: int = _f(8, "images per worker per step")
-    lr: float = _f(1e-3, "peak learning rate (AdamW, warm-up then cosine decay)")
-    weight_decay: float = _f(1e-4, "AdamW weight decay")
-    loss: str = _f("ce_dice", "ce_dice: softmax cross-entropy + Dice; bce_dice: sigmoid BCE + Dice (2 classes only)", choices=("ce_dice", "bce_dice"))
-    workers: int = _f(2, "Ray Train workers (DDP ranks)")
-    use_gpu: bool = _f(False, "one GPU per worker (NCCL, bf16 autocast)")
-    seed: int = _f(0, "seed of the model initialisation and the augmentations")
-    max_failures: int = _f(3, "worker failures to recover from (from the last checkpoint)")
-    keep_checkpoints: int = _f(2, "checkpoints kept: this many best by val mIoU, plus the latest")
-    h5_key: str = _f("images", "HDF5 dataset holding the images")
-    mask_key: str = _f("masks", "HDF5 dataset holding the masks")
-    storage_options: dict = _f({}, "fsspec storage options as JSON, e.g. '{\"endpoint_url\": ...}'")
-    max_pixels: int = _f(100_000_000, "refuse images with more pixels than this")
-    address: str | None = _f(None, "Ray cluster address (default: RAY_ADDRESS, else start Ray embedded)")
-    quiet: bool = _f(False, "less progress output")
-
-    def __post_init__(self):
-        if not self.data:
-            raise UserError("--data is required: labelled training data")
-        if not self.val_data:
-            raise UserError("--val-data is required: labelled validation data (the best checkpoint is picked on it)")
-        if not self.output:
-            raise UserError("--output is required")
-        if not 2 <= self.num_classes <= 255:
-            raise UserError("--num-classes must be between 2 and 255")
-        if self.class_names and len(self.class_names) != self.num_classes:
-            raise UserError(f"--class-names gives {len(self.class_names)} names for --num-classes {self.num_classes}")
-        if self.loss == "bce_dice" and self.num_classes != 2:
-            raise UserError("--loss bce_dice is for one foreground class: it needs --num-classes 2")
-        for name in ("epochs", "batch_size", "workers", "input_size", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.input_size < 16:
-            raise UserError("--input-size must be at least 16")
-        if not self.lr > 0:
-            raise UserError("--lr must be positive")
 
 
 # ---- augmentation and loss: plain functions, tested without Ray -----------------------------------
@@ -163,21 +115,75 @@ def is_mine(image_id: str, rank: int, world: int) -> bool:
 # ---- the Ray Train worker loop ------------------------------------------------------------------------
 
 
-def _state_dict_bytes(model: torch.nn.Module) -> bytes:
-    import io
+def build_training(cfg: TrainConfig, train_rows: int, world: int):
+    """(model wrapped for DDP, optimizer, LR scheduler, run state): new, or restored from the run's last checkpoint."""
+    import ray.train
+    import ray.train.torch
 
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-    return buf.getvalue()
+    from rayseg.models import build_model
+
+    torch.manual_seed(cfg.seed)  # the seed controls the initialisation (DDP then broadcasts rank 0's weights)
+    model = build_model(cfg.model, cfg.num_classes)
+    state = {"epoch": 0, "history": [], "starts": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(torch.load(os.path.join(d, WEIGHTS_FILE), map_location="cpu", weights_only=True))
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = max(1, math.ceil(train_rows // world / cfg.batch_size)) * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, max(1, steps // 20)))
+    if checkpoint:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    state["starts"] = list(state["starts"]) + [state["epoch"] + 1]
+    return model, optimizer, scheduler, state
+
+
+def _all_mean(value: float, count: int, device: torch.device) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value / max(count, 1)
+    t = torch.tensor([value, float(count)], dtype=torch.float64, device=device)  # NCCL reduces only GPU tensors
+    dist.all_reduce(t)
+    return float(t[0] / t[1].clamp_min(1))
+
+
+def train_one_epoch(model: torch.nn.Module, optimizer, scheduler, shard, cfg: TrainConfig, epoch: int, rank: int,
+                    device: torch.device, mean: torch.Tensor, std: torch.Tensor) -> float:
+    """One pass over this rank's shard of the training data; returns the mean loss over all ranks."""
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    rng = np.random.default_rng([cfg.seed, rank, epoch])  # a resumed epoch sees the same augmentations
+    model.train()
+    loss_sum, seen = 0.0, 0
+    # a shuffle buffer of a few batches: batches differ from epoch to epoch, reproducibly for a resumed epoch
+    for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=1,
+                                    local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed * 100_003 + epoch):
+        pairs = [augment(im, m, cfg.input_size, rng) for im, m in zip(batch["image"], batch["target"])]
+        x = torch.from_numpy(np.stack([p[0] for p in pairs])).to(device).permute(0, 3, 1, 2).float()
+        y = torch.from_numpy(np.stack([p[1] for p in pairs])).to(device).long()
+        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(x)
+        loss = criterion(logits.float(), y, cfg.loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum, seen = loss_sum + loss.item() * len(pairs), seen + len(pairs)
+    return _all_mean(loss_sum, seen, device)
 
 
 def validate(model: torch.nn.Module, card: ModelCard, val_iter, batch_size: int, rank: int, world: int) -> ConfusionMatrix:
     """Predict with segment's Predictor on a snapshot of the weights, so validation scores what segment will produce."""
-    from rayseg.models import ModelBundle
-    from rayseg.predict import PredictOptions, Predictor
+    from rayseg.config import PredictConfig
+    from rayseg.models import ModelBundle, state_dict_bytes
+    from rayseg.predict import Predictor
 
     rng_state = torch.random.get_rng_state()  # ModelBundle.build reseeds torch; training must not notice
-    predictor = Predictor(ModelBundle(card, _state_dict_bytes(model), "validation"), PredictOptions(batch_size=batch_size))
+    predictor = Predictor(ModelBundle(card, state_dict_bytes(model), "validation"), PredictConfig(batch_size=batch_size))
     torch.random.set_rng_state(rng_state)
     cm = ConfusionMatrix(card.num_classes)
     for batch in val_iter.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=1):
@@ -192,33 +198,33 @@ def validate(model: torch.nn.Module, card: ModelCard, val_iter, batch_size: int,
     return cm.reduce_from_all_processes()
 
 
-def _all_mean(value: float, count: int, device: torch.device) -> float:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value / max(count, 1)
-    t = torch.tensor([value, float(count)], dtype=torch.float64, device=device)  # NCCL reduces only GPU tensors
-    dist.all_reduce(t)
-    return float(t[0] / t[1].clamp_min(1))
+def epoch_metrics(epoch: int, train_loss: float, scores: dict, lr: float, seconds: float) -> dict:
+    """What an epoch reports. A val_miou of -1 (no class scored) still ranks the checkpoint, last."""
+    return {"epoch": epoch, "train_loss": round(train_loss, 6), "val_miou": scores["miou"] if scores["miou"] is not None else -1.0,
+            "val_pixel_accuracy": scores["pixel_accuracy"], "val_mean_dice": scores["mean_dice"], "val_iou": scores["iou"],
+            "val_dice": scores["dice"], "lr": lr, "epoch_s": round(seconds, 3)}
 
 
-def _test_hook(hook_dir: str | None, epoch: int, rank: int) -> None:
-    """Tests only (RAYSEG_TEST_PID_DIR): rank 0 writes its pid after epoch e, and waits while hold-e exists."""
-    if not hook_dir or rank != 0:
-        return
-    with open(os.path.join(hook_dir, f"epoch{epoch}.pid"), "w") as f:
-        f.write(str(os.getpid()))
-    hold, deadline = os.path.join(hook_dir, f"hold-{epoch}"), time.time() + 120
-    while os.path.exists(hold) and time.time() < deadline:
-        time.sleep(0.1)
+def report_epoch(model: torch.nn.Module, optimizer, scheduler, card: ModelCard, state: dict, metrics: dict, rank: int) -> None:
+    """ray.train.report the metrics; rank 0 adds the checkpoint (model.pt, model.json, and train_state.pt to resume from)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from rayseg.models import save_checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if rank == 0:
+            save_checkpoint(model, card, d)
+            torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, os.path.join(d, STATE_FILE))
+            ckpt = Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{metrics['epoch']:04d}")
 
 
 def train_loop(loop: dict) -> None:
+    """Each Ray Train worker: from the run's last checkpoint (if any), train, validate and report every epoch."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
-
-    from rayseg.models import build_model, save_checkpoint
 
     cfg = TrainConfig(**loop["config"])
     ctx = ray.train.get_context()
@@ -226,64 +232,20 @@ def train_loop(loop: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the validation Predictor asks for "cuda": make that this rank's GPU
-    amp = torch.bfloat16 if device.type == "cuda" else None
-    torch.manual_seed(cfg.seed)  # the seed controls the initialisation (DDP then broadcasts rank 0's weights)
-    model = build_model(cfg.model, cfg.num_classes)
-    state = {"epoch": 0, "history": [], "starts": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(torch.load(os.path.join(d, WEIGHTS_FILE), map_location="cpu", weights_only=True))
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-    model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = max(1, math.ceil(loop["train_rows"] // world / cfg.batch_size)) * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, max(1, steps // 20)))
-    if checkpoint:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    state["starts"] = list(state["starts"]) + [state["epoch"] + 1]
+    model, optimizer, scheduler, state = build_training(cfg, loop["train_rows"], world)
     card = ModelCard(cfg.model, cfg.num_classes, tuple(cfg.class_names), cfg.input_size, IMAGENET_MEAN, IMAGENET_STD, tuple(loop["trained_on"]))
-    mean = torch.tensor(card.mean, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(card.std, device=device).view(1, 3, 1, 1) * 255
+    mean, std = card.pixel_mean_std(device)
     train_shard, val_iter = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        rng = np.random.default_rng([cfg.seed, rank, epoch])  # a resumed epoch sees the same augmentations
-        model.train()
-        loss_sum, seen = 0.0, 0
-        # a shuffle buffer of a few batches: batches differ from epoch to epoch, reproducibly for a resumed epoch
-        for batch in train_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=1,
-                                              local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed * 100_003 + epoch):
-            pairs = [augment(im, m, cfg.input_size, rng) for im, m in zip(batch["image"], batch["target"])]
-            x = torch.from_numpy(np.stack([p[0] for p in pairs])).to(device).permute(0, 3, 1, 2).float()
-            y = torch.from_numpy(np.stack([p[1] for p in pairs])).to(device).long()
-            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = model(x)
-            loss = criterion(logits.float(), y, cfg.loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum, seen = loss_sum + loss.item() * len(pairs), seen + len(pairs)
-        train_loss = _all_mean(loss_sum, seen, device)
+        train_loss = train_one_epoch(model, optimizer, scheduler, train_shard, cfg, epoch, rank, device, mean, std)
         model.eval()
         scores = validate(getattr(model, "module", model), card, val_iter, cfg.batch_size, rank, world).to_json_dict()
-        metrics = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_miou": scores["miou"] if scores["miou"] is not None else -1.0,
-                   "val_pixel_accuracy": scores["pixel_accuracy"], "val_mean_dice": scores["mean_dice"], "val_iou": scores["iou"],
-                   "val_dice": scores["dice"], "lr": scheduler.get_last_lr()[0], "epoch_s": round(time.perf_counter() - t0, 3)}
+        metrics = epoch_metrics(epoch, train_loss, scores, scheduler.get_last_lr()[0], time.perf_counter() - t0)
         state["epoch"] = epoch
-        state["history"] = list(state["history"]) + [{k: v for k, v in metrics.items()}]
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                save_checkpoint(model, dataclasses.replace(card, metrics={"validation": scores, "epoch": epoch}), d)
-                torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, os.path.join(d, STATE_FILE))
-                ckpt = Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:04d}")
-        _test_hook(loop.get("test_pid_dir"), epoch, rank)
+        state["history"] = list(state["history"]) + [dict(metrics)]
+        epoch_card = dataclasses.replace(card, metrics={"validation": scores, "epoch": epoch})
+        report_epoch(model, optimizer, scheduler, epoch_card, state, metrics, rank)
 
 
 # ---- the driver ---------------------------------------------------------------------------------------
@@ -339,23 +301,23 @@ def _previous_run(cfg: TrainConfig) -> dict | None:
     return None
 
 
-def train(config: TrainConfig | None = None, **kwargs) -> dict:
-    """Run `rayseg train`; returns the summary that is also written to OUTPUT/train_summary.json."""
+class TrainData(NamedTuple):
+    train: Any  # ray.data.Dataset of the usable training pairs, materialized
+    val: Any  # the same for validation
+    train_pairs: int
+    val_pairs: int
+    bad: list  # (image_id, error) of each skipped pair, training data first
+    ignored: list  # URLs of files that belong to no labelled layout
+
+
+def build_datasets(cfg: TrainConfig) -> TrainData:
+    """Find, read and check the labelled pairs. Ray starts here, once the inputs are known to exist."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from rayseg.labelled import find_pairs, read_labelled, split_errors
-    from rayseg.pipeline import ensure_ray
+    from rayseg.runtime import ensure_ray
 
-    cfg = config if config is not None else config_from(TrainConfig, kwargs)
-    t0, so = time.perf_counter(), cfg.storage_options
-    previous = _previous_run(cfg)
-    if previous is not None:
-        best = publish_best(_ray_checkpoint(previous["best_checkpoint"], so), cfg.output, so)
-        log.info("train: the run in %s already finished %d epochs; republished its best checkpoint at %s", cfg.output, previous["epochs_completed"], best)
-        return {**previous, "already_finished": True, "best": best}
-
+    so = cfg.storage_options
     train_units, ignored = find_pairs(cfg.data, so)  # a wrong path fails here, before Ray starts
     val_units, val_ignored = find_pairs(cfg.val_data, so)
     ensure_ray(cfg.address, cfg.quiet)
@@ -374,57 +336,74 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
     if n_val == 0:
         raise UserError("no usable validation pairs; see the skipped pairs above")
     # materialized so that, while the workers hold every CPU, no Ray Data task is left to schedule
-    train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+    return TrainData(train_ds.materialize(), val_ds.materialize(), n_train, n_val, train_bad + val_bad, ignored + val_ignored)
 
-    pa_fs, path = storage.pyarrow_filesystem(cfg.output, so)
+
+def build_trainer(cfg: TrainConfig, data: TrainData):
+    """The TorchTrainer of the run: its checkpoints go to OUTPUT/run/, where a second start finds and resumes them."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    pa_fs, path = storage.pyarrow_filesystem(cfg.output, cfg.storage_options)
     local = type(pa_fs).__name__ == "LocalFileSystem"
     storage_path = os.path.abspath(path) if local else path
     os.makedirs(storage_path, exist_ok=True) if local else None
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config={"config": public_config(cfg),  # workers read no storage: no secrets travel
-                           "train_rows": n_train, "trained_on": list(cfg.data),
-                           "test_pid_dir": os.environ.get("RAYSEG_TEST_PID_DIR")},
+                           "train_rows": data.train_pairs, "trained_on": list(cfg.data)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=RunConfig(
             name=RUN_NAME, storage_path=storage_path, storage_filesystem=None if local else pa_fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_miou", checkpoint_score_order="max"),
         ),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets={"train": data.train, "val": data.val},
         dataset_config=DataConfig(datasets_to_split=["train"]),  # each rank picks its validation rows by id hash
     )
-    result = trainer.fit()
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_miou"], cm[1]["epoch"]))
-    best = publish_best(best_ckpt, cfg.output, so)
+
+
+def run_summary(cfg: TrainConfig, data: TrainData, result, best_checkpoint, best_metrics: dict, best: str, t0: float) -> dict:
+    """What train_summary.json says of a finished run; `best` is the URL best_checkpoint was published to."""
+    import ray
+
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
     run_url = storage.join(cfg.output, RUN_NAME)
-    summary = {
-        "command": "train",
-        "output": cfg.output,
-        "best": best,
-        "best_checkpoint": storage.join(run_url, os.path.basename(best_ckpt.path.rstrip("/"))),
+    return {
+        "command": "train", "output": cfg.output, "best": best,
+        "best_checkpoint": storage.join(run_url, os.path.basename(best_checkpoint.path.rstrip("/"))),
         "best_epoch": best_metrics["epoch"],
         "best_metrics": {k: v for k, v in best_metrics.items() if k.startswith("val_")},
         "last_checkpoint": storage.join(run_url, os.path.basename(result.checkpoint.path.rstrip("/"))),
         "epochs_completed": int(state["epoch"]),
         "starts": list(state["starts"]),  # the epoch each attempt began at: [1, 3] = resumed at epoch 3
         "history": nan_to_none(list(state["history"])),
-        "model": cfg.model,
-        "num_classes": cfg.num_classes,
+        "model": cfg.model, "num_classes": cfg.num_classes,
         "class_names": ModelCard(cfg.model, cfg.num_classes, tuple(cfg.class_names)).names(),
-        "train_pairs": n_train,
-        "val_pairs": n_val,
-        "bad_pairs": len(train_bad) + len(val_bad),
-        "bad_pair_examples": [{"image_id": i, "error": e} for i, e in (train_bad + val_bad)[:20]],
-        "ignored_files": ignored + val_ignored,
-        "workers": cfg.workers,
-        "config": public_config(cfg),
+        "train_pairs": data.train_pairs, "val_pairs": data.val_pairs, "bad_pairs": len(data.bad),
+        "bad_pair_examples": [{"image_id": i, "error": e} for i, e in data.bad[:20]],
+        "ignored_files": data.ignored, "workers": cfg.workers, "config": public_config(cfg),
         "elapsed_s": round(time.perf_counter() - t0, 3),
-        "rayseg_version": __import__("rayseg").__version__,
-        "ray_version": ray.__version__,
+        "rayseg_version": __import__("rayseg").__version__, "ray_version": ray.__version__,
     }
+
+
+def train(config: TrainConfig | None = None, **kwargs) -> dict:
+    """Run `rayseg train`; returns the summary that is also written to OUTPUT/train_summary.json."""
+    cfg = config if config is not None else config_from(TrainConfig, kwargs)
+    t0, so = time.perf_counter(), cfg.storage_options
+    previous = _previous_run(cfg)
+    if previous is not None:
+        best = publish_best(_ray_checkpoint(previous["best_checkpoint"], so), cfg.output, so)
+        log.info("train: the run in %s already finished %d epochs; republished its best checkpoint at %s", cfg.output, previous["epochs_completed"], best)
+        return {**previous, "already_finished": True, "best": best}
+
+    data = build_datasets(cfg)
+    result = build_trainer(cfg, data).fit()
+    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_miou"], cm[1]["epoch"]))
+    best = publish_best(best_checkpoint, cfg.output, so)
+    summary = run_summary(cfg, data, result, best_checkpoint, best_metrics, best, t0)
     storage.write_json(storage.join(cfg.output, SUMMARY_FILE), summary, so)
     return summary
 

@@ -20,7 +20,7 @@ def ray_local():
     """An embedded Ray sized for the 2-core machine; segment() joins it instead of starting its own."""
     import ray
 
-    from rayseg.pipeline import LOCAL_SYSTEM_CONFIG
+    from rayseg.runtime import LOCAL_SYSTEM_CONFIG
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024**2, log_to_driver=False,

@@ -52,11 +52,11 @@ def test_job_config_file_and_flags_merge():
     args = entry.parse("segment", ["--config", str(REPO / "jobs/configs/segment.yaml"), "in/*.tar", "--output", "o"])
     assert config_from_args(SegmentConfig, args, args.config).inputs == ("in/*.tar",)
     args = entry.parse("nightly", ["--config", str(REPO / "jobs/configs/nightly.yaml"), "--output", "o", "--mask-format", "png"])
-    from rayseg.nightly import NightlyConfig
+    from rayseg.config import NightlyConfig
 
     cfg = config_from_args(NightlyConfig, args, args.config)
     assert (cfg.mask_format, cfg.output) == ("png", "o")
-    from rayseg.train import TrainConfig
+    from rayseg.config import TrainConfig
 
     args = entry.parse("train", ["--config", str(REPO / "jobs/configs/train.yaml"), "--output", "o", "--workers", "1", "--use-gpu"])
     cfg = config_from_args(TrainConfig, args, args.config)

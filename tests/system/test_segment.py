@@ -172,7 +172,7 @@ def test_pretrained_weights_offline_fail_with_one_sentence(tmp_path, capsys):
 
 def test_cpu_actor_plan_uses_every_core_and_leaves_room_for_the_light_stages(ray_local):
     from rayseg.config import SegmentConfig
-    from rayseg.pipeline import DECODE_CPUS, ENCODE_CPUS, READ_CPUS, actor_plan
+    from rayseg.runtime import DECODE_CPUS, ENCODE_CPUS, READ_CPUS, actor_plan
 
     cpus = ray_local.cluster_resources()["CPU"]
     assert cpus == 2

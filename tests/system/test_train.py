@@ -108,7 +108,7 @@ def test_rerun_of_finished_run_says_so_and_republishes_best(blobs_run, caplog):
 
 
 def test_best_checkpoint_segments_held_out_blobs_with_dice_over_09(blobs_run, tmp_path):
-    from rayseg.pipeline import segment
+    from rayseg.segment import segment
 
     root, best = blobs_run["root"], str(blobs_run["out"] / "best")
     summary = segment(inputs=(str(root / "test"),), output=str(tmp_path / "seg"), checkpoint=best, quiet=True)
