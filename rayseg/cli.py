@@ -1,6 +1,7 @@
 """The `rayseg` command. Argument parsing only: each subcommand lives in its module as `register(subparsers)`.
 
-A module's `register` adds its parser and sets `func(args) -> int`. UserError becomes one line and exit 2.
+A module's `register` adds its parser and sets `func(args) -> int`. UserError becomes one line and exit 2,
+EnvError one line and exit 1.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from rayseg.errors import UserError
+from rayseg.errors import EnvError, UserError
 
 # command -> the module that registers it, in --help order
 COMMANDS = {"segment": "segment", "synth": "synth", "train": "train", "evaluate": "evaluate", "demo": "demo",
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"rayseg {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except EnvError as e:
+        print(f"rayseg {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"rayseg {args.command}: interrupted", file=sys.stderr)
         return 130
