@@ -126,6 +126,12 @@ class ModelCard:
     metrics: dict = field(default_factory=dict)
     rayseg_version: str = ""
 
+    def pixel_mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalisation in 0..255 units, shaped (1, C, 1, 1): (x - mean) / std of a uint8 image as float."""
+        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1) * 255
+        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1) * 255
+        return mean, std
+
     def names(self) -> list[str]:
         return list(self.class_names) if self.class_names else [f"class_{i}" for i in range(self.num_classes)]
 
@@ -197,14 +203,18 @@ def for_inference(model: nn.Module, device: torch.device, compile: bool = False)
     return torch.compile(model) if compile else model
 
 
+def state_dict_bytes(model: nn.Module) -> bytes:
+    """The model's state_dict on the CPU, serialised as `model.pt` holds it."""
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    return buf.getvalue()
+
+
 def save_checkpoint(model: nn.Module, card: ModelCard, url: str, storage_options: dict | None = None) -> str:
     """Write model.pt and model.json under `url`; returns the digest."""
     from rayseg import __version__
 
-    model = getattr(model, "module", model)  # unwrap DDP
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-    weights = buf.getvalue()
+    weights = state_dict_bytes(getattr(model, "module", model))  # unwrap DDP
     card_bytes = json.dumps({**card.to_json(), "rayseg_version": __version__}, indent=2, sort_keys=True).encode()
     fs, path = filesystem(url, storage_options)
     fs.makedirs(path, exist_ok=True)

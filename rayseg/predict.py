@@ -2,14 +2,13 @@
 
 Everything after the host->device copy happens on the device: normalisation, resizing to the model input,
 the forward pass (bf16 autocast on GPU), resizing logits back to each image's size, softmax, argmax.
-Images much larger than the model input are segmented at full resolution by a sliding window whose logits
-are blended with Gaussian weights (as nnU-Net does), so memory is bounded by the tile, not the image.
+Images much larger than the model input are segmented at full resolution by a sliding window (rayseg.tiling),
+so memory is bounded by the tile, not the image.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,25 +16,15 @@ import torch.nn.functional as F
 
 from rayseg.decode import errors_of
 from rayseg.models import ModelBundle, for_inference
+from rayseg.tiling import sliding_window
 
 log = logging.getLogger("rayseg")
 
-
-@dataclass(frozen=True)
-class PredictOptions:
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    batch_size: int | None = None  # None: CPU_BATCH_SIZE on CPU, from free device memory on a GPU (fit_batch_size)
-    tile: int | None = None  # None: tile only images over twice the input size, with tiles of the input size
-    overlap: float = 0.25
-    tta: str = "none"  # none | flip
-    compile: bool = False
-    confidence_map: bool = False  # keep the per-pixel confidence (for the objects table)
-    threads: int | None = None  # torch intra-op threads on CPU
-
-
 CPU_BATCH_SIZE = 16
 MAX_AUTO_BATCH_SIZE = 256  # also the rows a GPU actor is handed per call when the batch size is automatic
+
+# one image's result: mask (H, W) uint8, mean confidence, confidence map (H, W) uint8 in 1/255 or None
+Segmented = tuple[np.ndarray, float, np.ndarray | None]
 
 
 def fit_batch_size(bytes_per_image: float, free_bytes: int, fraction: float = 0.5, cap: int = MAX_AUTO_BATCH_SIZE) -> int:
@@ -62,18 +51,6 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def gaussian_weight(h: int, w: int, device: torch.device) -> torch.Tensor:
-    """Tile blending weights: high in the centre, low (never zero) at the borders; sigma = side / 8 as in nnU-Net."""
-
-    def g(n: int) -> torch.Tensor:
-        x = torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2
-        return torch.exp(-0.5 * (x / max(n / 8, 1e-3)) ** 2)
-
-    wgt = g(h)[:, None] * g(w)[None, :]
-    wgt = wgt / wgt.max()
-    return wgt.clamp_min(1e-3)
-
-
 def mask_and_confidence(lg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (..., K, H, W) -> argmax mask (..., H, W) uint8 and the top softmax probability (..., H, W).
 
@@ -85,32 +62,35 @@ def mask_and_confidence(lg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask.to(torch.uint8), conf
 
 
-def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
-    if length <= tile:
-        return [0]
-    step = max(1, int(tile * (1 - overlap)))
-    starts = list(range(0, length - tile + 1, step))
-    if starts[-1] != length - tile:
-        starts.append(length - tile)
-    return starts
+def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """HWC or NHWC uint8 -> float NCHW on the device (channels_last in memory), in one host->device copy."""
+    t = torch.from_numpy(images)
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return (t if t.dim() == 4 else t[None]).permute(0, 3, 1, 2).float()
 
 
 class Predictor:
-    """Ray Data callable class: `__init__` builds the model once per actor, `__call__` handles one batch."""
+    """Ray Data callable class: `__init__` builds the model once per actor, `__call__` handles one batch.
 
-    def __init__(self, bundle: ModelBundle, options: PredictOptions):
-        if options.threads:
-            torch.set_num_threads(options.threads)
-        self.opts = options
-        self.device = resolve_device(options.device)
-        self.amp = autocast_dtype(self.device, options.precision)
+    `opts` has the predict options (rayseg.config.PredictConfig): device, precision, batch_size, tile, overlap,
+    tta, compile. `threads` sets torch's intra-op threads on CPU; `confidence_map` keeps the per-pixel
+    confidence (for the objects table).
+    """
+
+    def __init__(self, bundle: ModelBundle, opts, *, threads: int | None = None, confidence_map: bool = False):
+        if threads:
+            torch.set_num_threads(threads)
+        self.opts = opts
+        self.confidence_map = confidence_map
+        self.device = resolve_device(opts.device)
+        self.amp = autocast_dtype(self.device, opts.precision)
         self.card = bundle.card
         self.size = bundle.card.input_size
-        self.model = for_inference(bundle.build(), self.device, options.compile)
-        self.mean = torch.tensor(self.card.mean, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(self.card.std, device=self.device).view(1, 3, 1, 1) * 255
+        self.model = for_inference(bundle.build(), self.device, opts.compile)
+        self.mean, self.std = bundle.card.pixel_mean_std(self.device)
         self.label = bundle.label
-        self.batch_size = options.batch_size or (self.probe_batch_size() if self.device.type == "cuda" else CPU_BATCH_SIZE)
+        self.batch_size = opts.batch_size or (self.probe_batch_size() if self.device.type == "cuda" else CPU_BATCH_SIZE)
 
     def probe_batch_size(self) -> int:
         """Batch size from device memory: one forward pass of 2 images at the input size measures the peak memory
@@ -148,19 +128,6 @@ class Predictor:
                 outs.append(self.model(chunk).float())
         return torch.cat(outs)
 
-    def _to_device(self, img: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(img)
-        if self.device.type == "cuda":
-            t = t.pin_memory().to(self.device, non_blocking=True)
-        return t.permute(2, 0, 1).unsqueeze(0).float()  # HWC uint8 -> 1CHW, channels_last in memory
-
-    def _stack_to_device(self, imgs: list[np.ndarray]) -> torch.Tensor:
-        """Same-size HWC uint8 images -> one float NCHW batch (channels_last in memory), one host->device copy."""
-        t = torch.from_numpy(np.stack(imgs))
-        if self.device.type == "cuda":
-            t = t.pin_memory().to(self.device, non_blocking=True)
-        return t.permute(0, 3, 1, 2).float()
-
     def needs_tiling(self, h: int, w: int) -> bool:
         if self.opts.tile:
             return h > self.opts.tile or w > self.opts.tile
@@ -172,7 +139,7 @@ class Predictor:
         s = self.size
         xs = []
         for img in imgs:
-            x = self._to_device(img)
+            x = to_device(img, self.device)
             xs.append(x if x.shape[-2:] == (s, s) else F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False))
         out = self.logits(torch.cat(xs))
         res = []
@@ -184,70 +151,76 @@ class Predictor:
 
     @torch.inference_mode()
     def tiled_logits(self, img: np.ndarray) -> torch.Tensor:
-        """Sliding window at full resolution; tile logits blended with Gaussian weights."""
-        h, w = img.shape[:2]
-        t = self.opts.tile or self.size
-        th, tw = min(t, h), min(t, w)
-        x = self._to_device(img)
-        acc = torch.zeros((self.card.num_classes, h, w), device=self.device)
-        norm = torch.zeros((1, h, w), device=self.device)
-        wgt = gaussian_weight(th, tw, self.device)
-        boxes = [(y, xx) for y in tile_starts(h, th, self.opts.overlap) for xx in tile_starts(w, tw, self.opts.overlap)]
-        for i in range(0, len(boxes), self.batch_size):
-            part = boxes[i : i + self.batch_size]
-            out = self.logits(torch.cat([x[:, :, y : y + th, xx : xx + tw] for y, xx in part]))
-            for (y, xx), lg in zip(part, out):
-                acc[:, y : y + th, xx : xx + tw] += lg * wgt
-                norm[:, y : y + th, xx : xx + tw] += wgt
-        return acc / norm
+        """Sliding window at full resolution over one image."""
+        return sliding_window(to_device(img, self.device), self.opts.tile or self.size, self.opts.overlap, self.logits, self.batch_size)
+
+    # -- the three ways through: each gives masks and confidences per image ----------------------
+    def groups(self, images: np.ndarray, errors: list[str | None]) -> tuple[list[int], list[int], list[int]]:
+        """Rows to stack as they are, to resize to the model input, and to tile (error rows are in none).
+
+        Images at the model's size are stacked only when every untiled image is; one of another size sends them
+        all through the resize path, which still runs them as one forward pass."""
+        whole, tiled = [], []
+        for i, e in enumerate(errors):
+            if e is None:
+                (tiled if self.needs_tiling(*images[i].shape[:2]) else whole).append(i)
+        if all(images[i].shape[:2] == (self.size, self.size) for i in whole):
+            return whole, [], tiled
+        return [], whole, tiled
+
+    @torch.inference_mode()
+    def stacked(self, imgs: list[np.ndarray]) -> list[Segmented]:
+        """The common case, images at the model's size: one stack in, masks and confidences out in one copy each."""
+        mask, conf = mask_and_confidence(self.logits(to_device(np.stack(imgs), self.device)))
+        masks, means, confmaps = mask.cpu().numpy(), conf.mean(dim=(1, 2)).cpu().numpy(), self._confidence_map(conf)
+        return [(masks[j], means[j], None if confmaps is None else confmaps[j]) for j in range(len(imgs))]
+
+    def resized(self, imgs: list[np.ndarray]) -> list[Segmented]:
+        return [self._segmented(lg) for lg in self.resized_logits(imgs)]
+
+    def tiled(self, img: np.ndarray) -> Segmented:
+        return self._segmented(self.tiled_logits(img))
+
+    def _segmented(self, lg: torch.Tensor) -> Segmented:
+        with torch.inference_mode():
+            mask, conf = mask_and_confidence(lg)
+        return mask.cpu().numpy(), conf.mean().item(), self._confidence_map(conf)
+
+    def _confidence_map(self, conf: torch.Tensor) -> np.ndarray | None:
+        return (conf * 255).round().to(torch.uint8).cpu().numpy() if self.confidence_map else None
 
     # -- the Ray Data stage -----------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["image_id"])
-        masks = np.empty(n, dtype=object)
-        confmaps = np.empty(n, dtype=object)
-        mean_conf = np.full(n, np.nan, np.float32)
-        errors = errors_of(batch)
-        ok = [i for i in range(n) if errors[i] is None]
-        small = [i for i in ok if not self.needs_tiling(*batch["image"][i].shape[:2])]
-        results: dict[int, torch.Tensor] = {}
-        s = self.size
-        if small and all(batch["image"][i].shape[:2] == (s, s) for i in small):
-            # the common case, images at the model's size: one stack in, masks and confidences out in one copy each
-            with torch.inference_mode():
-                mask, conf = mask_and_confidence(self.logits(self._stack_to_device([batch["image"][i] for i in small])))
-                mask_np, mean_np = mask.cpu().numpy(), conf.mean(dim=(1, 2)).cpu().numpy()
-                conf_np = (conf * 255).round().to(torch.uint8).cpu().numpy() if self.opts.confidence_map else None
-            for j, i in enumerate(small):
-                masks[i], mean_conf[i] = mask_np[j], mean_np[j]
-                if conf_np is not None:
-                    confmaps[i] = conf_np[j]
-            done = set(small)
-            ok = [i for i in ok if i not in done]
-            small = []
-        for i, lg in zip(small, self.resized_logits([batch["image"][i] for i in small]) if small else []):
-            results[i] = lg
-        for i in ok:
-            lg = results.pop(i, None)
-            if lg is None:
-                lg = self.tiled_logits(batch["image"][i])
-            with torch.inference_mode():
-                mask, conf = mask_and_confidence(lg)
-            masks[i] = mask.cpu().numpy()
-            mean_conf[i] = conf.mean().item()
-            if self.opts.confidence_map:
-                confmaps[i] = (conf * 255).round().to(torch.uint8).cpu().numpy()
-        placeholder = np.zeros((1, 1), np.uint8)
-        for i in range(n):
-            if masks[i] is None:
-                masks[i] = placeholder
-            if confmaps[i] is None:
-                confmaps[i] = placeholder
-        out = {k: v for k, v in batch.items() if k != "image"}
-        out["error"] = np.array(errors, dtype=object)
-        out["mask"] = masks
-        out["mean_confidence"] = mean_conf
-        if self.opts.confidence_map:
-            out["confidence"] = confmaps
-        out["model"] = np.array([self.label] * n, dtype=object)
-        return out
+        images, errors = batch["image"], errors_of(batch)
+        stack, resize, tile = self.groups(images, errors)
+        results: dict[int, Segmented] = {}
+        if stack:
+            results.update(zip(stack, self.stacked([images[i] for i in stack])))
+        if resize:
+            results.update(zip(resize, self.resized([images[i] for i in resize])))
+        for i in tile:  # one image at a time: its full-size logits are the largest tensor the predictor holds
+            results[i] = self.tiled(images[i])
+        return assemble(batch, errors, results, self.label, self.confidence_map)
+
+
+def assemble(batch: dict[str, np.ndarray], errors: list[str | None], results: dict[int, Segmented], label: str,
+             with_confidence: bool) -> dict[str, np.ndarray]:
+    """Output rows in input order: the input's columns but `image`, plus mask, mean_confidence, model (and
+    confidence). A row without a result (an error row) keeps its error, a 1x1 zero mask and a NaN confidence."""
+    n = len(errors)
+    masks, confmaps = np.empty(n, dtype=object), np.empty(n, dtype=object)
+    mean_conf = np.full(n, np.nan, np.float32)
+    placeholder = np.zeros((1, 1), np.uint8)
+    for i in range(n):
+        mask, mean, confmap = results.get(i, (None, np.nan, None))
+        masks[i] = placeholder if mask is None else mask
+        confmaps[i] = placeholder if confmap is None else confmap
+        mean_conf[i] = mean
+    out = {k: v for k, v in batch.items() if k != "image"}
+    out["error"] = np.array(errors, dtype=object)
+    out["mask"] = masks
+    out["mean_confidence"] = mean_conf
+    if with_confidence:
+        out["confidence"] = confmaps
+    out["model"] = np.array([label] * n, dtype=object)
+    return out

@@ -18,8 +18,9 @@ import torch
 
 from conftest import png_bytes
 from rayseg import segment
+from rayseg.config import PredictConfig
 from rayseg.models import ModelCard, load_bundle, pointwise, save_checkpoint
-from rayseg.predict import PredictOptions, Predictor
+from rayseg.predict import Predictor
 from rayseg.stats import decode_png
 
 K = 3
@@ -39,9 +40,9 @@ def test_tiled_inference_matches_whole_image():
     square = rng.integers(0, 256, (192, 192, 3), dtype=np.uint8)
     odd = rng.integers(0, 256, (150, 231, 3), dtype=np.uint8)  # tiles don't divide it: the last ones overlap more
     bundle = load_bundle(None, "pointwise", K, None, input_size=192)  # input size = image size: no resizing at all
-    whole = Predictor(bundle, PredictOptions(threads=1))
-    tiled = Predictor(bundle, PredictOptions(tile=64, overlap=0.25, batch_size=4, threads=1))
-    flipped = Predictor(bundle, PredictOptions(tile=64, overlap=0.25, batch_size=4, threads=1, tta="flip"))
+    whole = Predictor(bundle, PredictConfig(), threads=1)
+    tiled = Predictor(bundle, PredictConfig(tile=64, overlap=0.25, batch_size=4), threads=1)
+    flipped = Predictor(bundle, PredictConfig(tile=64, overlap=0.25, batch_size=4, tta="flip"), threads=1)
     assert not whole.needs_tiling(192, 192) and tiled.needs_tiling(192, 192) and tiled.needs_tiling(150, 231)
 
     reference = predict(whole, [square])[0]

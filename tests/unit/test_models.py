@@ -1,4 +1,5 @@
-"""The model as the predictor runs it: batch norm folded into the convolutions, same outputs, original untouched."""
+"""The model as the predictor runs it (batch norm folded into the convolutions, same outputs, original untouched),
+its weights as a checkpoint stores them, and the input normalisation its card describes."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from rayseg.models import build_model, fold_batch_norm, for_inference
+from rayseg.models import (IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_FILE, ModelCard, build_model, fold_batch_norm, for_inference,
+                           load_bundle, save_checkpoint, state_dict_bytes)
 
 
 def _with_real_statistics(model: nn.Module) -> nn.Module:
@@ -50,3 +52,24 @@ def test_for_inference_is_channels_last_and_eval():
     x = torch.randn(1, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         assert model(x).shape == (1, 2, 8, 8)
+
+
+def test_state_dict_bytes_is_the_checkpoint_weights_file(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("pointwise", 3)
+    data = state_dict_bytes(model)
+    save_checkpoint(model, ModelCard("pointwise", 3), str(tmp_path))
+    assert (tmp_path / WEIGHTS_FILE).read_bytes() == data
+    bundle = load_bundle(str(tmp_path))
+    x = torch.randn(1, 3, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(bundle.build()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_pixel_mean_std_normalises_uint8_values_like_the_card_says():
+    card = ModelCard("pointwise", 2)
+    mean, std = card.pixel_mean_std(torch.device("cpu"))
+    assert mean.shape == std.shape == (1, 3, 1, 1)
+    x = torch.randint(0, 256, (2, 3, 4, 5)).float()
+    want = (x / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close((x - mean) / std, want)

@@ -1,0 +1,85 @@
+"""The predictor on one batch, without Ray: one output row per input row, in order, each mask at its image's size,
+error rows passed through, and the same masks whichever way (stacked, resized, tiled) an image went."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rayseg.config import PredictConfig
+from rayseg.decode import EMPTY
+from rayseg.models import load_bundle
+from rayseg.predict import Predictor
+
+K, SIZE = 3, 32
+
+
+def batch_of(images: list[np.ndarray], errors: list[str | None] | None = None) -> dict[str, np.ndarray]:
+    """What decode_batch hands the predictor: image_id, image (object array of HWC uint8), height, width, error."""
+    n = len(images)
+    batch = {"image_id": np.array([f"img{i}" for i in range(n)], dtype=object), "image": np.empty(n, dtype=object),
+             "height": np.array([im.shape[0] for im in images], np.int32), "width": np.array([im.shape[1] for im in images], np.int32),
+             "error": np.array(errors or [None] * n, dtype=object)}
+    batch["image"][:] = images
+    return batch
+
+
+def images() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, shape, dtype=np.uint8) for shape in
+            [(SIZE, SIZE, 3), (45, 20, 3), (SIZE, SIZE, 3), (70, 90, 3)]]  # model size, another size, model size, > 2x: tiled
+
+
+@pytest.fixture(scope="module", params=["pointwise", "unet"])
+def predictor(request) -> Predictor:
+    bundle = load_bundle(None, request.param, num_classes=K, input_size=SIZE)
+    return Predictor(bundle, PredictConfig(device="cpu", batch_size=4), threads=1, confidence_map=True)
+
+
+def test_mixed_batch_gives_one_row_per_input_in_order(predictor):
+    imgs = images()
+    rows = imgs[:2] + [EMPTY] + imgs[2:]
+    batch = batch_of(rows, [None, None, "could not decode (truncated)", None, None])
+    out = predictor(batch)
+
+    assert set(out) == {"image_id", "height", "width", "error", "mask", "mean_confidence", "confidence", "model"}
+    assert list(out["image_id"]) == list(batch["image_id"])
+    assert np.array_equal(out["height"], batch["height"]) and np.array_equal(out["width"], batch["width"])
+    assert list(out["error"]) == [None, None, "could not decode (truncated)", None, None]
+    assert list(out["model"]) == [predictor.label] * 5
+    for i in (0, 1, 3, 4):
+        mask, conf = out["mask"][i], out["confidence"][i]
+        assert mask.shape == conf.shape == rows[i].shape[:2] and mask.dtype == conf.dtype == np.uint8
+        assert mask.max() < K and 1 / K <= out["mean_confidence"][i] <= 1
+    assert out["mask"][2].shape == (1, 1) and out["confidence"][2].shape == (1, 1)
+    assert np.isnan(out["mean_confidence"][2])
+
+
+def test_grouping_does_not_change_the_masks(predictor):
+    imgs = images()
+    together = predictor(batch_of(imgs))
+    for i, img in enumerate(imgs):
+        alone = predictor(batch_of([img]))
+        assert np.array_equal(together["mask"][i], alone["mask"][0]), i
+        assert np.abs(together["confidence"][i].astype(int) - alone["confidence"][0]).max() <= 1
+        assert together["mean_confidence"][i] == pytest.approx(alone["mean_confidence"][0], rel=1e-5)
+
+
+def test_images_are_grouped_by_how_they_are_run(predictor):
+    same, other, big = images()[0], images()[1], images()[3]
+    no_error = [None] * 4
+    assert predictor.groups([same, same, big, same], no_error) == ([0, 1, 3], [], [2])  # all at the model's size: one stack
+    assert predictor.groups([same, other, big, same], no_error) == ([], [0, 1, 3], [2])  # one other size: all resized
+    assert predictor.groups([same, EMPTY, big, other], [None, "bad", None, None]) == ([], [0, 3], [2])
+
+
+def test_a_batch_of_errors_only_passes_through(predictor):
+    out = predictor(batch_of([EMPTY, EMPTY], ["not an image", "too many pixels"]))
+    assert list(out["error"]) == ["not an image", "too many pixels"]
+    assert [m.shape for m in out["mask"]] == [(1, 1), (1, 1)] and np.isnan(out["mean_confidence"]).all()
+
+
+def test_without_confidence_map_there_is_no_confidence_column():
+    predictor = Predictor(load_bundle(None, "pointwise", num_classes=K, input_size=SIZE), PredictConfig(device="cpu"), threads=1)
+    out = predictor(batch_of(images()))
+    assert "confidence" not in out and [m.shape for m in out["mask"]] == [im.shape[:2] for im in images()]
