@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rayseg.models import load_bundle
-from rayseg.predict import MAX_AUTO_BATCH_SIZE, PredictOptions, Predictor, fit_batch_size
+from rayseg.config import PredictConfig
+from rayseg.predict import MAX_AUTO_BATCH_SIZE, Predictor, fit_batch_size
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -30,7 +31,7 @@ def batch_of(images: list[np.ndarray]) -> dict:
 
 
 def test_cpu_batch_size_defaults_to_16():
-    p = Predictor(load_bundle(None, "pointwise", 2, input_size=32), PredictOptions(device="cpu", threads=1))
+    p = Predictor(load_bundle(None, "pointwise", 2, input_size=32), PredictConfig(device="cpu"), threads=1)
     assert p.batch_size == 16
 
 
@@ -39,8 +40,8 @@ def test_gpu_bf16_masks_agree_with_cpu_fp32_and_batch_size_comes_from_memory():
     bundle = load_bundle(None, "lraspp_mobilenet_v3_large", 3, input_size=128)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in range(6)] + [rng.integers(0, 256, (90, 200, 3), dtype=np.uint8)]
-    cpu = Predictor(bundle, PredictOptions(device="cpu", precision="fp32", threads=1))(batch_of(images))
-    gpu_predictor = Predictor(bundle, PredictOptions(device="cuda"))  # auto: bf16, batch size probed
+    cpu = Predictor(bundle, PredictConfig(device="cpu", precision="fp32"), threads=1)(batch_of(images))
+    gpu_predictor = Predictor(bundle, PredictConfig(device="cuda"))  # auto: bf16, batch size probed
     gpu = gpu_predictor(batch_of(images))
     n = gpu_predictor.batch_size
     assert 1 <= n <= MAX_AUTO_BATCH_SIZE and n & (n - 1) == 0
