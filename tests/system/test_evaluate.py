@@ -123,13 +123,6 @@ def test_h5_lengths_differ(ray_local, tmp_path):
     assert good == 2 and len(bad) == 1 and "lengths differ" in bad[0][1]
 
 
-def test_evaluate_cli_bad_checkpoint_is_one_line(tmp_path, capsys):
-    from rayseg.cli import main
-
-    assert main(["evaluate", "--checkpoint", str(tmp_path), "--data", str(tmp_path)]) == 2
-    assert "is not a rayseg checkpoint" in capsys.readouterr().err
-
-
 def test_evaluate_reads_and_writes_s3_without_leaking_secrets(ray_local, s3, checkpoint):
     bucket, opts = s3
     write_archive(f"{bucket}/labelled", "tar", 6, labelled=True, seed=9, num_classes=3, min_size=24, max_size=32, storage_options=opts)

@@ -12,7 +12,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-import pytest
 from pycocotools import mask as coco_mask
 
 from conftest import png_bytes, random_image, tar_bytes
@@ -125,40 +124,6 @@ def test_existing_output_is_refused_without_overwrite(ray_local, tmp_path, capsy
     assert len(err) == 1 and "not empty" in err[0] and "--overwrite" in err[0]
     assert cli.main(args + ["--overwrite"]) == 0
     assert len(pd.read_parquet(out)) == 1
-
-
-@pytest.mark.parametrize(
-    "argv,words",
-    [
-        (["/nonexistent/dir/x.png"], "does not exist"),
-        (["/tmp/*.no-such-extension-anywhere"], "matches no files"),
-        (["IN", "--batch-size", "0"], "--batch-size"),
-        (["IN", "--actors", "3:1"], "--actors"),
-        (["IN", "--storage-options", "{not json"], "JSON"),
-        (["IN", "--checkpoint", "/nonexistent/ckpt"], "not a rayseg checkpoint"),
-        (["IN", "--model", "unet", "--weights", "DEFAULT"], "no pretrained weights"),
-    ],
-)
-def test_bad_command_lines_get_one_line_and_exit_2(tmp_path, capsys, argv, words):
-    img = tmp_path / "a.png"
-    img.write_bytes(png_bytes(np.zeros((8, 8, 3), np.uint8)))
-    argv = [str(img) if a == "IN" else a for a in argv]
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) if "JSON" in words else _nothing() as ctx:
-        code = cli.main(["segment", *argv, "--output", str(out)])
-    if ctx is None:
-        assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert words in err[-1]
-    assert not out.exists(), "no output is left behind by a refused command"
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_pretrained_weights_offline_fail_with_one_sentence(tmp_path, capsys):

@@ -184,10 +184,3 @@ def test_cli_rejects_bad_options_in_one_line(tmp_path, capsys, args, message):
     assert err.startswith("rayseg synth: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
-
-def test_s3_urls(s3):
-    bucket, options = s3
-    summary = write_archive(f"{bucket}/synth", "h5", 2, labelled=True, storage_options=options, **SMALL)
-    fs, _ = fsspec.core.url_to_fs(bucket, **options)
-    with fs.open(summary["files"][0], "rb") as f, h5py.File(f, "r") as h5:
-        assert h5["images"].shape[0] == 2 and h5["masks"].dtype == np.uint8
