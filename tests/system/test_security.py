@@ -4,7 +4,7 @@ definition keeps the dashboard (8265), Ray Client (10001) and GCS (6379) off pub
     pytest tests/system/test_security.py
 
 (Tar member paths never becoming files is shown in tests/system/test_bad_inputs.py::test_tar_member_paths_never_become_files;
-token auth and ClusterIP-only Services in tests/unit/test_cluster.py. This file adds what those leave out.)
+token auth and ClusterIP-only Services in tests/unit/test_cluster_kuberay.py. This file adds what those leave out.)
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def _walk(node, path=""):
 
 def test_no_pod_shares_the_node_network_or_maps_host_ports():
     """hostNetwork or a hostPort would put 8265/10001/6379 on the node's own (often public) address,
-    around the ClusterIP Service that tests/unit/test_cluster.py checks."""
+    around the ClusterIP Service that tests/unit/test_cluster_kuberay.py checks."""
     docs = _k8s_docs()
     assert docs
     for label, doc in docs:
@@ -188,7 +188,7 @@ def test_no_pod_shares_the_node_network_or_maps_host_ports():
 def test_no_command_binds_ray_ports_to_all_interfaces():
     """Launcher commands, job entrypoints and docs: `ray start --dashboard-host=0.0.0.0` or a Ray Client server on a
     public address would open the Jobs API to the network. In-pod binds (KubeRay rayStartParams) sit behind a
-    ClusterIP Service and token auth, and are checked in tests/unit/test_cluster.py."""
+    ClusterIP Service and token auth, and are checked in tests/unit/test_cluster_kuberay.py."""
     import re
 
     bad = re.compile(r"(dashboard-host|dashboard_host|ray-client-server-host|node-ip-address)[= ]+[\"']?0\.0\.0\.0")
