@@ -192,7 +192,7 @@ def compose(name: str, *groups: tuple[str, ...], defaults: dict | None = None, h
 
     `defaults` replaces an option's default for this command; `hidden` options keep their field but get no flag;
     `positional` ones are this command's positional argument.
-    Every option's own check runs, then `check(cfg)` for what ties options together.
+    `check(cfg)` (what ties options together, or a command's narrower rule) runs, then every option's own check.
     """
     defaults = defaults or {}
     names = list(dict.fromkeys(n for g in groups for n in g))
@@ -202,9 +202,9 @@ def compose(name: str, *groups: tuple[str, ...], defaults: dict | None = None, h
         fields.append((n, OPTIONS[n].type, OPTIONS[n].field(defaults.get(n, MISSING), **extra)))
 
     def __post_init__(self):
-        _check_options(self)
-        if check is not None:
+        if check is not None:  # first: a command's own rule is the more precise one (train: 2 to 255 classes)
             check(self)
+        _check_options(self)
 
     def of(cls, other):
         """This group's fields taken from any config that has them (e.g. the predict group of a SegmentConfig)."""
@@ -303,9 +303,14 @@ def _check_report(cfg) -> None:
 ReportConfig = compose("ReportConfig", ("output", "html", "sample", "png", "seed"), STORAGE, positional=("output",),
                        check=_check_report, doc="`rayseg report`: the segment output (OUT) and what to show of it.")
 
+def _check_synth(cfg) -> None:
+    if cfg.num_classes is not None and not 2 <= cfg.num_classes <= 255:
+        raise UserError("--num-classes must be between 2 and 255")
+
+
 SynthConfig = compose("SynthConfig", ("out", "layout", "labelled", "count", "seed", "num_classes", "min_size", "max_size", "shards",
                                       "generator", "image_format", "metadata"), STORAGE,
-                      defaults={"layout": "h5", "count": 100, "num_classes": None}, positional=("out",),
+                      defaults={"layout": "h5", "count": 100, "num_classes": None}, positional=("out",), check=_check_synth,
                       doc="`rayseg synth`: what archive to write; checked further by synth.check_options.")
 
 COMMAND_CONFIGS = {"synth": SynthConfig, "segment": SegmentConfig, "nightly": NightlyConfig, "evaluate": EvalConfig, "train": TrainConfig,
