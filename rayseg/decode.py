@@ -17,7 +17,7 @@ import io
 import cv2
 import numpy as np
 
-from rayseg.shards import _reason
+from rayseg.shards import error_reason
 
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # bad files are reported as error rows, not codec chatter
 cv2.setNumThreads(1)  # decode runs many tasks in parallel; OpenCV's own threads would oversubscribe the cores
@@ -148,16 +148,16 @@ def decode_batch(batch: dict[str, np.ndarray], max_pixels: int = 100_000_000) ->
             except DecodeError as e:
                 errors[i] = str(e)
             except Exception as e:  # noqa: BLE001 - whatever the codec raised, it is this image's error
-                errors[i] = f"could not decode ({_reason(e)})"
+                errors[i] = f"could not decode ({error_reason(e)})"
         images.append(img)
     out = {k: v for k, v in batch.items() if k not in ("data", "format", "error")}
-    out["image"] = _ragged(images)
+    out["image"] = ragged_column(images)
     out["height"], out["width"] = heights, widths
     out["error"] = np.array(errors, dtype=object)
     return out
 
 
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+def ragged_column(arrays: list[np.ndarray]) -> np.ndarray:
     """An object array of ndarrays (Ray stores it as a variable-shaped tensor column)."""
     out = np.empty(len(arrays), dtype=object)
     out[:] = arrays

@@ -20,8 +20,8 @@ import cv2
 import numpy as np
 
 from rayseg import storage
-from rayseg.decode import EMPTY, _ragged, decode, errors_of
-from rayseg.shards import _reason, member_kinds, tar_samples
+from rayseg.decode import EMPTY, decode, errors_of, ragged_column
+from rayseg.shards import batches, error_reason, member_kinds, tar_samples
 from rayseg.storage import IMAGE_EXTS, filesystem
 
 log = logging.getLogger("rayseg")
@@ -55,7 +55,7 @@ def read_folder_pair(image_url: str, mask_url: str | None, storage_options: dict
         image = fs.cat_file(image_path)
         mask = fs.cat_file(filesystem(mask_url, storage_options)[1])
     except Exception as e:  # noqa: BLE001 - any storage failure is this pair's error row
-        yield pair(image_url, image_url, error=f"could not read the pair ({_reason(e)})")
+        yield pair(image_url, image_url, error=f"could not read the pair ({error_reason(e)})")
         return
     yield pair(image_url, image_url, image, mask=mask)
 
@@ -94,30 +94,26 @@ def read_h5_pairs(url: str, storage_options: dict, h5_key: str = "images", mask_
                 yield pair(f"{url}::{j}", url, error=f"lengths differ: {h5_key!r} has {n} entries, {mask_key!r} has {m}; entry {j} has no partner")
     except Exception as e:  # noqa: BLE001
         where = f"after {i} pairs" if i else "at open"
-        yield pair(f"{url}::{i}" if i else url, url, error=f"HDF5 shard is unreadable {where} ({_reason(e)})")
+        yield pair(f"{url}::{i}" if i else url, url, error=f"HDF5 shard is unreadable {where} ({error_reason(e)})")
+
+
+def unit_readers(kind: str, urls, masks, storage_options: dict, h5_key: str, mask_key: str) -> Iterator[Iterator[dict]]:
+    """One pair reader per URL of a work unit."""
+    if kind == "folder":
+        return (read_folder_pair(u, m or None, storage_options) for u, m in zip(urls, masks))
+    if kind == "tar":
+        return (read_tar_pairs(u, storage_options) for u in urls)
+    if kind == "h5":
+        return (read_h5_pairs(u, storage_options, h5_key, mask_key) for u in urls)
+    raise ValueError(f"unknown labelled unit kind {kind}")
 
 
 def read_pair_units(batch: dict[str, np.ndarray], storage_options: dict, h5_key: str, mask_key: str,
                     rows_per_batch: int = 32) -> Iterator[dict]:
     """Ray Data stage: work units -> batches of pair rows (a generator, so a large shard streams out)."""
-    rows: list[dict] = []
-    for kind, urls, masks in zip(batch["kind"], batch["urls"], batch["masks"]):
-        if kind == "folder":
-            readers = (read_folder_pair(u, m or None, storage_options) for u, m in zip(urls, masks))
-        elif kind == "tar":
-            readers = (read_tar_pairs(u, storage_options) for u in urls)
-        elif kind == "h5":
-            readers = (read_h5_pairs(u, storage_options, h5_key, mask_key) for u in urls)
-        else:
-            raise ValueError(f"unknown labelled unit kind {kind}")
-        for reader in readers:
-            for r in reader:
-                rows.append(r)
-                if len(rows) >= rows_per_batch:
-                    yield {c: np.array([x[c] for x in rows], dtype=object) for c in PAIR_COLUMNS}
-                    rows = []
-    if rows:
-        yield {c: np.array([x[c] for x in rows], dtype=object) for c in PAIR_COLUMNS}
+    rows = (r for kind, urls, masks in zip(batch["kind"], batch["urls"], batch["masks"])
+            for reader in unit_readers(kind, urls, masks, storage_options, h5_key, mask_key) for r in reader)
+    yield from batches(rows, PAIR_COLUMNS, rows_per_batch)
 
 
 # ---- decoding ---------------------------------------------------------------------------------------
@@ -171,7 +167,7 @@ def decode_pairs(batch: dict[str, np.ndarray], num_classes: int, max_pixels: int
         images.append(img)
         targets.append(msk)
     return {
-        "image_id": batch["image_id"], "source": batch["source"], "image": _ragged(images), "target": _ragged(targets),
+        "image_id": batch["image_id"], "source": batch["source"], "image": ragged_column(images), "target": ragged_column(targets),
         "height": np.array([im.shape[0] if e is None else 0 for im, e in zip(images, errors)], np.int32),
         "width": np.array([im.shape[1] if e is None else 0 for im, e in zip(images, errors)], np.int32),
         "error": np.array(errors, dtype=object),

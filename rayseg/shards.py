@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import posixpath
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -24,7 +24,8 @@ def row(image_id: str, shard: str, data: bytes = b"", fmt: str = "encoded", erro
     return {"image_id": image_id, "source": source or shard, "shard": shard, "data": data, "format": fmt, "error": error}
 
 
-def _reason(e: BaseException) -> str:
+def error_reason(e: BaseException) -> str:
+    """'ExceptionType: first line of its message', the part of an error row that says what went wrong."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
@@ -35,7 +36,7 @@ def read_image_file(url: str, storage_options: dict) -> Iterator[dict]:
         data = retry(fs.cat_file, path, what=f"reading {redact_url(url)}")
     except Exception as e:  # noqa: BLE001 - any storage failure is this image's error row
         tries = f" after {RETRY_ATTEMPTS} tries" if is_transient(e) else ""
-        yield row(url, url, error=f"could not read the file{tries} ({_reason(e)})")
+        yield row(url, url, error=f"could not read the file{tries} ({error_reason(e)})")
         return
     yield row(url, url, data=data)
 
@@ -101,7 +102,7 @@ def tar_samples(url: str, storage_options: dict) -> Iterator[tuple[str, str | No
     except Exception as e:  # noqa: BLE001 - a broken shard becomes an error row, the samples before it stand
         where = f"after {count} member{'s' if count > 1 else ''}" if count else "at its start"
         pending = f"{url}::{key}" if key is not None else f"{url}::#unreadable"
-        yield pending, key, None, f"tar shard is unreadable {where} ({_reason(e)})"
+        yield pending, key, None, f"tar shard is unreadable {where} ({error_reason(e)})"
 
 
 def member_kinds(members: dict[str, bytes]) -> str:
@@ -148,7 +149,7 @@ def read_h5(url: str, storage_options: dict, h5_key: str = "images", chunk: int 
                 i = start + len(block)
     except Exception as e:  # noqa: BLE001
         where = f"after {i} images" if i else "at open"
-        yield row(f"{url}::{i}" if i else url, url, error=f"HDF5 shard is unreadable {where} ({_reason(e)})")
+        yield row(f"{url}::{i}" if i else url, url, error=f"HDF5 shard is unreadable {where} ({error_reason(e)})")
 
 
 def read_parquet(url: str, storage_options: dict, image_column: str = "image") -> Iterator[dict]:
@@ -175,7 +176,7 @@ def read_parquet(url: str, storage_options: dict, image_column: str = "image") -
                     i += 1
     except Exception as e:  # noqa: BLE001
         where = f"after {i} rows" if i else "at open"
-        yield row(f"{url}::{i}" if i else url, url, error=f"Parquet shard is unreadable {where} ({_reason(e)})")
+        yield row(f"{url}::{i}" if i else url, url, error=f"Parquet shard is unreadable {where} ({error_reason(e)})")
 
 
 def read_shard(url: str, kind: str, storage_options: dict, h5_key: str = "images", image_column: str = "image") -> Iterator[dict]:
@@ -190,8 +191,20 @@ def read_shard(url: str, kind: str, storage_options: dict, h5_key: str = "images
     raise ValueError(f"unknown shard kind {kind}")
 
 
-def to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    return {c: np.array([r[c] for r in rows], dtype=object) for c in ROW_COLUMNS}
+def to_batch(rows: list[dict], columns: tuple[str, ...] = ROW_COLUMNS) -> dict[str, np.ndarray]:
+    return {c: np.array([r[c] for r in rows], dtype=object) for c in columns}
+
+
+def batches(rows: Iterable[dict], columns: tuple[str, ...] = ROW_COLUMNS, size: int = 32) -> Iterator[dict[str, np.ndarray]]:
+    """Row dicts -> batches of `size` rows (the last one shorter), pulled from `rows` as they are needed."""
+    chunk: list[dict] = []
+    for r in rows:
+        chunk.append(r)
+        if len(chunk) >= size:
+            yield to_batch(chunk, columns)
+            chunk = []
+    if chunk:
+        yield to_batch(chunk, columns)
 
 
 def read_units(batch: dict[str, np.ndarray], storage_options: dict, h5_key: str, image_column: str, rows_per_batch: int = 32) -> Iterator[dict]:
@@ -199,25 +212,6 @@ def read_units(batch: dict[str, np.ndarray], storage_options: dict, h5_key: str,
 
     A generator, so a large shard streams out in blocks of `rows_per_batch` rows instead of all at once.
     """
-    rows: list[dict] = []
-    for urls, kind in zip(batch["urls"], batch["kind"]):
-        for url in urls:
-            for r in read_shard(url, kind, storage_options, h5_key, image_column):
-                rows.append(r)
-                if len(rows) >= rows_per_batch:
-                    yield to_batch(rows)
-                    rows = []
-    if rows:
-        yield to_batch(rows)
-
-
-def fetch(image_id: str, storage_options: dict | None = None, h5_key: str = "images", image_column: str = "image") -> dict:
-    """Read one image back by its image_id (for reports): the row its shard reader would give."""
-    from rayseg.storage import kind_of
-
-    shard, _, member = image_id.partition("::")
-    kind = kind_of(shard)
-    for r in read_shard(shard, kind, storage_options or {}, h5_key, image_column):
-        if r["image_id"] == image_id:
-            return r
-    raise KeyError(image_id)
+    rows = (r for urls, kind in zip(batch["urls"], batch["kind"]) for url in urls
+            for r in read_shard(url, kind, storage_options, h5_key, image_column))
+    yield from batches(rows, ROW_COLUMNS, rows_per_batch)

@@ -14,6 +14,7 @@ import time
 import cv2
 import h5py
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -27,17 +28,47 @@ from rayseg.train import IGNORE, augment, criterion, train
 EPOCHS = 14
 
 
-def kill_after_first_checkpoint(pid_dir, run_dir, killed: dict) -> None:
-    """Wait until rank 0 has reported epoch 1 and Ray Train has recorded its checkpoint, then SIGKILL rank 0."""
-    pid_file, snapshot = pid_dir / "epoch1.pid", run_dir / "checkpoint_manager_snapshot.json"
+def train_workers() -> list[psutil.Process]:
+    """The Ray Train worker processes of this test session's Ray (Ray names each process after its actor class)."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def latest_checkpoint(run_dir) -> str | None:
+    """The checkpoint Ray Train resumes from, as its controller recorded it (a snapshot being written reads as None)."""
+    try:
+        latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return latest["checkpoint_dir_name"] if latest else None
+
+
+def kill_after_first_checkpoint(run_dir, killed: dict) -> None:
+    """Once Ray Train has recorded epoch 1's checkpoint, SIGKILL a training worker, from outside the run.
+
+    The workers are stopped (SIGSTOP) first and the controller given a moment, so the checkpoint they resume from
+    is known for certain when one of them dies: `killed["last_checkpoint"]`.
+    """
     deadline = time.time() + 240
     while time.time() < deadline:
-        if pid_file.exists() and snapshot.exists() and "epoch-0001" in snapshot.read_text():
-            killed["pid"] = int(pid_file.read_text())
-            os.kill(killed["pid"], signal.SIGKILL)
-            break
-        time.sleep(0.2)
-    (pid_dir / "hold-1").unlink(missing_ok=True)  # the restarted worker must not wait
+        workers = train_workers()
+        if workers and latest_checkpoint(run_dir) is not None:
+            for w in workers:
+                w.send_signal(signal.SIGSTOP)
+            time.sleep(1.0)
+            killed["last_checkpoint"] = latest_checkpoint(run_dir)
+            killed["pid"] = workers[0].pid
+            workers[0].send_signal(signal.SIGKILL)
+            for w in workers[1:]:
+                w.send_signal(signal.SIGCONT)
+            return
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -53,20 +84,15 @@ def blobs_run(ray_local, tmp_path_factory):
     (bad / "images" / "x.png").write_bytes(png_bytes(np.zeros((48, 48, 3), np.uint8)))
     (bad / "masks" / "x.png").write_bytes(png_bytes(np.full((48, 48), 5, np.uint8)))
 
-    pid_dir = root / "pids"
-    pid_dir.mkdir()
-    (pid_dir / "hold-1").touch()  # rank 0 waits after epoch 1 until it is killed
     out = root / "run"
     killed: dict = {}
-    watcher = threading.Thread(target=kill_after_first_checkpoint, args=(pid_dir, out / "run", killed), daemon=True)
+    watcher = threading.Thread(target=kill_after_first_checkpoint, args=(out / "run", killed), daemon=True)
     watcher.start()
-    os.environ["RAYSEG_TEST_PID_DIR"] = str(pid_dir)
     try:
         summary = train(data=(str(root / "train"), str(bad)), val_data=(str(root / "val"),), output=str(out), model="unet",
                         num_classes=2, input_size=48, epochs=EPOCHS, batch_size=4, lr=3e-3, workers=2, seed=0,
                         class_names=("background", "blob"), quiet=True)
     finally:
-        del os.environ["RAYSEG_TEST_PID_DIR"]
         watcher.join(timeout=5)
     return {"root": root, "out": out, "summary": summary, "killed": killed}
 
@@ -93,8 +119,11 @@ def test_ddp_run_writes_checkpoints_best_and_metrics(blobs_run):
 
 def test_killed_worker_resumes_from_last_checkpoint(blobs_run):
     s = blobs_run["summary"]
-    assert blobs_run["killed"].get("pid"), "the watcher never saw epoch 1's checkpoint"
-    assert s["starts"] == [1, 2], "after the kill the run must go on at epoch 2, not start again at 1"
+    killed = blobs_run["killed"]
+    assert killed.get("pid"), "the watcher never saw epoch 1's checkpoint"
+    last = int(killed["last_checkpoint"].removeprefix("epoch-"))
+    assert 1 <= last < EPOCHS, f"the worker was killed at {killed['last_checkpoint']}, not mid-run"
+    assert s["starts"] == [1, last + 1], "after the kill the run must go on after its last checkpoint, not start again at 1"
     assert (blobs_run["out"] / "best" / "model.pt").exists()
 
 
