@@ -9,12 +9,18 @@ so memory is bounded by the tile, not the image.
 from __future__ import annotations
 
 import logging
+import os
+import re
+import socket
+import subprocess
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from rayseg.decode import errors_of
+from rayseg.errors import EnvError
 from rayseg.models import ModelBundle, for_inference
 from rayseg.tiling import sliding_window
 
@@ -37,12 +43,77 @@ def fit_batch_size(bytes_per_image: float, free_bytes: int, fraction: float = 0.
     return n
 
 
+# The oldest NVIDIA driver each CUDA major version runs on (minor-version compatibility; NVIDIA's CUDA release notes)
+MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+
+
+def nvidia_driver_version() -> str | None:
+    """The NVIDIA kernel driver's version on this node, or None where there is none (NVML, then the kernel module)."""
+    try:
+        import pynvml  # nvidia-ml-py, optional
+
+        pynvml.nvmlInit()
+        v = pynvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else v
+    except Exception:
+        pass
+    try:
+        m = re.search(r"Kernel Module\s+(?:for \S+\s+)?([\d.]+)", open("/proc/driver/nvidia/version").read())
+        if m:
+            return m.group(1)
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+        return out.stdout.split()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cuda_problem() -> str | None:
+    """Why CUDA cannot start in this process, in words, or None when it can."""
+    if torch.cuda.is_available():
+        return None
+    host, built = socket.gethostname(), torch.version.cuda
+    if built is None:
+        return f"torch {torch.__version__} on {host} is a CPU-only build; install a CUDA build of torch"
+    driver = nvidia_driver_version()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if driver is None:
+        return (f"no NVIDIA GPU or driver is visible to this worker on {host} (CUDA_VISIBLE_DEVICES={visible!r}); "
+                f"run GPU actors only where Ray's GPU resources are real GPUs")
+    need = MIN_DRIVER.get(int(built.split(".")[0]))
+    if need and int(driver.split(".")[0]) < need:
+        return (f"torch {torch.__version__} is built for CUDA {built}, which needs an NVIDIA driver >= {need}, and {host} has "
+                f"driver {driver}; install torch built for an older CUDA (e.g. pip install torch --index-url "
+                f"https://download.pytorch.org/whl/cu126) or a newer driver")
+    return (f"torch {torch.__version__} (CUDA {built}) cannot start CUDA on {host} although NVIDIA driver {driver} is there "
+            f"(CUDA_VISIBLE_DEVICES={visible!r}): a driver/CUDA mismatch, or the GPU is not passed to the container")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but this worker has no CUDA device")
+    if device == "cuda":
+        problem = cuda_problem()
+        if problem:
+            raise EnvError(f"the predictor must run on a GPU, but {problem}")
     return torch.device(device)
+
+
+def device_error_of(exc: BaseException) -> EnvError | None:
+    """The EnvError a predictor raised in an actor, out of Ray's wrapping (RayActorError, ActorDiedError,
+    UserCodeException...): an actor that dies in its constructor reaches the driver only as text."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc) is EnvError:
+            return exc
+        m = re.findall(r"rayseg\.errors\.EnvError: (.+)", str(exc))
+        if m:
+            return EnvError(m[-1].strip())
+        exc = getattr(exc, "cause", None) if isinstance(getattr(exc, "cause", None), BaseException) else (exc.__cause__ or exc.__context__)
+    return None
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -78,7 +149,8 @@ class Predictor:
     confidence (for the objects table).
     """
 
-    def __init__(self, bundle: ModelBundle, opts, *, threads: int | None = None, confidence_map: bool = False):
+    def __init__(self, bundle: ModelBundle, opts, *, threads: int | None = None, confidence_map: bool = False,
+                 report: Callable[[str, dict], None] | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.opts = opts
@@ -90,7 +162,21 @@ class Predictor:
         self.model = for_inference(bundle.build(), self.device, opts.compile)
         self.mean, self.std = bundle.card.pixel_mean_std(self.device)
         self.label = bundle.label
+        self.report = report
         self.batch_size = opts.batch_size or (self.probe_batch_size() if self.device.type == "cuda" else CPU_BATCH_SIZE)
+        self._report()
+
+    def device_info(self) -> dict:
+        """What this predictor actually runs with: the summary records it."""
+        cuda = self.device.type == "cuda"
+        return {"device": self.device.type, "name": torch.cuda.get_device_name(self.device) if cuda else "cpu",
+                "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
+                "driver": nvidia_driver_version() if cuda else None,
+                "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp], "batch_size": self.batch_size}
+
+    def _report(self) -> None:
+        if self.report is not None:
+            self.report(f"{socket.gethostname()}:{os.getpid()}:{id(self)}", self.device_info())
 
     def probe_batch_size(self) -> int:
         """Batch size from device memory: one forward pass of 2 images at the input size measures the peak memory

@@ -10,6 +10,7 @@ predict and encode share one actor per core (`Segmenter`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import ray
@@ -21,7 +22,7 @@ from rayseg.decode import decode_batch
 from rayseg.errors import UserError
 from rayseg.models import ModelBundle, load_bundle
 from rayseg.objects import write_objects
-from rayseg.predict import CPU_BATCH_SIZE, MAX_AUTO_BATCH_SIZE, Predictor
+from rayseg.predict import CPU_BATCH_SIZE, MAX_AUTO_BATCH_SIZE, Predictor, device_error_of
 
 FILES_PER_UNIT = 16  # single image files are read 16 to a task: one task per file costs more in scheduling than in reading
 
@@ -37,6 +38,39 @@ def work_units(shards: list[storage.Shard]) -> list[dict]:
     return units
 
 
+@ray.remote(num_cpus=0)
+class DeviceLog:
+    """What each predictor actor runs with (device, versions, precision, batch size), for the summary."""
+
+    def __init__(self):
+        self.seen: dict[str, dict] = {}
+
+    def add(self, key: str, info: dict) -> None:
+        self.seen[key] = info
+
+    def get(self) -> list[dict]:
+        return list(self.seen.values())
+
+
+class DeviceReport:
+    """The predictor's `report` callable: tells a DeviceLog, and waits so nothing is lost when the run ends."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __call__(self, key: str, info: dict) -> None:
+        ray.get(self.log.add.remote(key, info))
+
+
+def devices_of(log) -> list[dict]:
+    """The distinct setups the predictor actors reported, each with how many actors ran it."""
+    groups: dict[str, dict] = {}
+    for info in ray.get(log.get.remote()):
+        key = repr(sorted(info.items()))
+        groups.setdefault(key, {**info, "actors": 0})["actors"] += 1
+    return list(groups.values())
+
+
 class Segmenter:
     """The CPU plan's one stage: decode, predict and encode in the actor that holds the model.
 
@@ -45,25 +79,28 @@ class Segmenter:
     CPU must keep the device fed, so there decode and encode stay parallel tasks.
     """
 
-    def __init__(self, bundle: ModelBundle, opts: PredictConfig, threads: int, confidence_map: bool, max_pixels: int, encode_kw: dict):
-        self.predictor = Predictor(bundle, opts, threads=threads, confidence_map=confidence_map)
+    def __init__(self, bundle: ModelBundle, opts: PredictConfig, threads: int, confidence_map: bool, max_pixels: int, encode_kw: dict,
+                 report=None):
+        self.predictor = Predictor(bundle, opts, threads=threads, confidence_map=confidence_map, report=report)
         self.max_pixels, self.encode_kw = max_pixels, encode_kw
 
     def __call__(self, batch: dict):
         return progress.encode_stage(self.predictor(decode_batch(batch, self.max_pixels)), **self.encode_kw)
 
 
-def build_plan(cfg: SegmentConfig, units: list[dict], bundle: ModelBundle, counter=None):
+def build_plan(cfg: SegmentConfig, units: list[dict], bundle: ModelBundle, counter=None, devices=None):
     """The whole Ray Data plan as one dataset of output rows (pyarrow tables with stats.SCHEMA).
 
     GPU: read (tasks) -> decode (tasks) -> predict (one actor per GPU) -> encode (tasks).
     CPU: read (tasks) -> decode + predict + encode (one actor per core, `Segmenter`).
     With --objects the rows carry an extra `objects` column; `counter` (a progress.Counter) gets what the
-    read and encode stages finish.
+    read and encode stages finish; `devices` (a DeviceLog) what each predictor actor runs with.
+    The predictor runs where the plan put it: on GPU actors CUDA or an EnvError, never a quiet fall back to CPU.
     """
     pool, resources, threads = runtime.actor_plan(cfg)
-    opts = PredictConfig.of(cfg)
     on_gpu = "num_gpus" in resources
+    opts = dataclasses.replace(PredictConfig.of(cfg), device="cuda" if on_gpu else "cpu")
+    report = DeviceReport(devices) if devices is not None else None
     # rows per call of each stage; with an automatic batch size a GPU actor gets the most it may choose and splits it
     rows = cfg.batch_size or (MAX_AUTO_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
     ds = ray.data.from_items(units, override_num_blocks=len(units))
@@ -72,11 +109,11 @@ def build_plan(cfg: SegmentConfig, units: list[dict], bundle: ModelBundle, count
     encode_kw = {"num_classes": bundle.card.num_classes, "mask_format": cfg.mask_format, "objects": cfg.objects,
                  "min_area": cfg.min_area, "counter": counter}
     if not on_gpu:
-        return ds.map_batches(Segmenter, batch_size=rows, fn_constructor_args=(bundle, opts, threads, cfg.objects, cfg.max_pixels, encode_kw),
+        return ds.map_batches(Segmenter, batch_size=rows, fn_constructor_args=(bundle, opts, threads, cfg.objects, cfg.max_pixels, encode_kw, report),
                               compute=runtime.actor_pool(pool), **resources)
     ds = ds.map_batches(decode_batch, batch_size=rows, fn_kwargs={"max_pixels": cfg.max_pixels}, num_cpus=runtime.DECODE_CPUS)
     ds = ds.map_batches(Predictor, batch_size=rows, fn_constructor_args=(bundle, opts),
-                        fn_constructor_kwargs={"threads": threads, "confidence_map": cfg.objects}, compute=runtime.actor_pool(pool), **resources)
+                        fn_constructor_kwargs={"threads": threads, "confidence_map": cfg.objects, "report": report}, compute=runtime.actor_pool(pool), **resources)
     return ds.map_batches(progress.encode_stage, batch_size=rows, fn_kwargs=encode_kw, num_cpus=runtime.ENCODE_CPUS)
 
 
@@ -114,8 +151,18 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
     pa_fs, images_path = storage.pyarrow_filesystem(images_url, so)
     reporter = progress.Reporter(len(units)) if progress.wants_log_lines(cfg.quiet) else None
     with reporter or contextlib.nullcontext():
-        plan = build_plan(cfg, units, bundle, reporter and reporter.counter)
-        plan.write_parquet(images_path, filesystem=pa_fs, ray_remote_args=runtime.WRITE_ARGS)
+        device_log = DeviceLog.remote()
+        plan = build_plan(cfg, units, bundle, reporter and reporter.counter, device_log)
+        try:
+            plan.write_parquet(images_path, filesystem=pa_fs, ray_remote_args=runtime.WRITE_ARGS)
+            devices = devices_of(device_log)
+        except Exception as e:  # a GPU actor that cannot start CUDA reaches here wrapped by Ray: say why in one sentence
+            env = device_error_of(e)
+            if env is None:
+                raise
+            raise env from None
+        finally:
+            ray.kill(device_log)
         rows, errors, examples = storage.retry(count_output, images_url, so, what="reading the output back")
         if reporter:
             reporter.finish(rows)
@@ -136,6 +183,7 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
         "model": bundle.label,
         "model_digest": bundle.digest,
         "classes": bundle.card.names(),
+        "devices": devices,
         "config": public_config(cfg),
         "startup_s": startup_s,
         **layout.summary_tail(started, t0),

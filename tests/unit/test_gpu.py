@@ -49,3 +49,41 @@ def test_gpu_bf16_masks_agree_with_cpu_fp32_and_batch_size_comes_from_memory():
         assert a.shape == b.shape
         assert (a == b).mean() > 0.97  # bf16 moves only near-ties
     np.testing.assert_allclose(gpu["mean_confidence"], cpu["mean_confidence"], atol=0.02)
+
+
+def test_without_cuda_the_reason_names_the_driver_and_the_cuda_build(monkeypatch):
+    from rayseg import predict
+    from rayseg.errors import EnvError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(predict, "nvidia_driver_version", lambda: "550.54.15")
+    with pytest.raises(EnvError) as e:
+        predict.resolve_device("cuda")
+    msg = str(e.value)
+    assert "CUDA 13.0" in msg and ">= 580" in msg and "550.54.15" in msg and "\n" not in msg
+    monkeypatch.setattr(predict, "nvidia_driver_version", lambda: None)
+    assert "no NVIDIA GPU or driver is visible" in predict.cuda_problem()
+    monkeypatch.setattr(predict, "nvidia_driver_version", lambda: "580.65.06")
+    assert "driver/CUDA mismatch" in predict.cuda_problem()
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CPU-only build" in predict.cuda_problem()
+    assert predict.resolve_device("auto").type == "cpu"  # auto on its own still means: CUDA if it starts
+
+
+def test_an_env_error_from_an_actor_constructor_is_unwrapped_from_rays_text():
+    from ray.exceptions import ActorDiedError
+
+    from rayseg.errors import EnvError
+    from rayseg.predict import device_error_of
+
+    wrapped = ActorDiedError()
+    wrapped.error_msg = ("The actor died because of an error raised in its creation task, ray::MapWorker(...)\n  File \"x.py\"\n"
+                         "rayseg.errors.EnvError: the predictor must run on a GPU, but no NVIDIA GPU or driver is visible\n")
+    outer = RuntimeError("Ray Data failed")  # what Ray Data raises, with the actor's death as its cause
+    outer.__cause__ = wrapped
+    err = device_error_of(outer)
+    assert isinstance(err, EnvError) and str(err) == "the predictor must run on a GPU, but no NVIDIA GPU or driver is visible"
+    assert device_error_of(RuntimeError("something else")) is None
+    plain = EnvError("x")
+    assert device_error_of(plain) is plain
