@@ -36,7 +36,7 @@ from pathlib import Path
 
 from rayseg import storage
 from rayseg.bench_measure import in_process, model_only, naive, pipeline
-from rayseg.cliutil import add_config_arguments, config_from_args
+from rayseg.cliutil import add_command
 from rayseg.config import BenchConfig
 from rayseg.errors import UserError
 
@@ -269,14 +269,11 @@ def table(res: dict) -> str:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="measure model-only, a naive loop and the pipeline on one archive",
-                       description=__doc__.split("\n\n")[0])
-    add_config_arguments(p, BenchConfig)
-    p.set_defaults(func=_run)
+    add_command(sub, "bench", BenchConfig, _run, help="measure model-only, a naive loop and the pipeline on one archive",
+                description=__doc__.split("\n\n")[0])
 
 
-def _run(args) -> int:
-    cfg = config_from_args(BenchConfig, args)
+def _run(cfg: BenchConfig) -> int:
     res = run(cfg)
     print(table(res))
     if cfg.json:

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayseg import storage
-from rayseg.cliutil import add_config_arguments, config_from_args
+from rayseg.cliutil import add_command
 from rayseg.config import ReportConfig
 from rayseg.layout import IMAGES_DIR, SUMMARY_FILE
 from rayseg.errors import UserError
@@ -360,13 +360,5 @@ def render(cfg: ReportConfig, summary: dict, scan: Scan, groups, cards: dict[str
 
 
 def register(sub) -> None:
-    p = sub.add_parser("report", help="write a static HTML report (overlays, histograms, errors) of a segment output",
-                       description=__doc__.split("\n\n")[0])
-    add_config_arguments(p, ReportConfig)
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    result = report(config_from_args(ReportConfig, args))
-    print(json.dumps(result))
-    return 0
+    add_command(sub, "report", ReportConfig, lambda cfg: print(json.dumps(report(cfg))),
+                help="write a static HTML report (overlays, histograms, errors) of a segment output", description=__doc__.split("\n\n")[0])
