@@ -70,16 +70,21 @@ def cluster_summary() -> dict:
 def actor_plan(cfg) -> tuple[tuple[int, int], dict, int]:
     """(pool min:max, ray resources per actor, torch threads per actor) from the cluster's resources.
 
-    On GPUs: one actor per GPU. On CPUs: one single-threaded actor per core (`--threads N`: one per N cores), all
-    started at once. Independent models on separate cores beat one model spread over them with intra-op
-    threads: no barrier between the cores, and while one actor encodes its batch the others compute
-    (docs/PERFORMANCE.md). `--actors` fixes the pool; each then gets an equal share of the cores.
+    On GPUs (`--device cuda`, or `auto` on a cluster with GPUs up now): one GPU per actor, the pool growing
+    from MIN to MAX of `--actors` (default 1 to the GPUs up now) as Ray Data asks for actors, so an autoscaler
+    adds GPU nodes up to MAX even when none is up at the start. On CPUs: one single-threaded actor per core
+    (`--threads N`: one per N cores), all started at once. Independent models on separate cores beat one model
+    spread over them with intra-op threads: no barrier between the cores, and while one actor encodes its batch
+    the others compute (docs/PERFORMANCE.md). `--actors` fixes the pool; each then gets an equal share of the cores.
     """
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
     if use_gpu:
         pool = actor_range(cfg.actors) if cfg.actors else (1, max(1, gpus))
+        if gpus == 0:
+            log.info("the predictor pool waits for its first GPU: none is up now; it asks for 1 GPU per actor, %d to %d "
+                     "actors, for an autoscaler to add", *pool)
         return pool, {"num_gpus": 1, "num_cpus": 1}, 1
     fixed = actor_range(cfg.actors) if cfg.actors else None
     threads = cfg.threads or (max(1, cpus // fixed[1]) if fixed else 1)
