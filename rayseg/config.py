@@ -61,6 +61,12 @@ def _actors(flag: str, value: str) -> None:
         actor_range(value)
 
 
+def _intensity(flag: str, value: str) -> None:
+    from rayseg.intensity import check_spec
+
+    check_spec(flag, value)
+
+
 @dataclass(frozen=True)
 class Option:
     type: Any
@@ -103,6 +109,8 @@ OPTIONS: dict[str, Option] = {
     # labelled
     "data": Option(tuple[str, ...], (), "labelled data: HDF5/tar shards or folders with images/ and masks/"),
     "mask_key": Option(str, "masks", "HDF5 dataset holding the masks"),
+    "mask_mode": Option(str, "semantic", "semantic: mask values are class indices; binary: every non-zero value "
+                                         "(e.g. instance ids) is class 1", meta={"choices": ("semantic", "binary")}),
     # predict
     "batch_size": Option(int | None, None, "images per model batch (in train: per worker and step)", _at_least(1),
                          {"auto": "16 on CPU; on a GPU the largest power of two up to 256 whose forward pass fits in half the free device memory"}),
@@ -112,6 +120,8 @@ OPTIONS: dict[str, Option] = {
     "overlap": Option(float, 0.25, "fraction of a tile shared with its neighbours", _overlap),
     "tta": Option(str, "none", "test-time augmentation: none or flip", meta={"choices": ("none", "flip")}),
     "compile": Option(bool, False, "torch.compile the model"),
+    "intensity": Option(str, "", "intensity normalisation: auto, percentile[:LO:HI], dataset, fixed:LO:HI or none "
+                                 "(rayseg.intensity); default: the checkpoint's, and in train auto", _intensity),
     # output
     "inputs": Option(tuple[str, ...], (), "input paths, globs or URLs (any fsspec protocol)",
                      meta={"positional": True, "optional": True}),  # optional: a --config YAML may give them
@@ -135,6 +145,8 @@ OPTIONS: dict[str, Option] = {
     "workers": Option(int, 2, "Ray Train workers (DDP ranks)", _at_least(1)),
     "use_gpu": Option(bool, False, "one GPU per worker (NCCL, bf16 autocast)"),
     "seed": Option(int, 0, "random seed (model initialisation, augmentations, samples); the same seed gives the same result"),
+    "in_channels": Option(int | None, None, "input channels of the model (default: the training images'; grey and RGB mixed: 3)",
+                          _at_least(1)),
     "max_failures": Option(int, 3, "worker failures to recover from (from the last checkpoint)"),
     "keep_checkpoints": Option(int, 2, "checkpoints kept: this many best by val mIoU, plus the latest", _at_least(1)),
     # bench
@@ -174,8 +186,8 @@ CLUSTER = ("address", "quiet")
 POOL = ("actors", "threads")
 MODEL = ("model", "num_classes", "weights", "checkpoint", "input_size")
 READ = ("h5_key", "image_column", "max_pixels")
-LABELLED = ("data", "h5_key", "mask_key", "max_pixels")
-PREDICT = ("batch_size", "device", "precision", "tile", "overlap", "tta", "compile")
+LABELLED = ("data", "h5_key", "mask_key", "mask_mode", "max_pixels")
+PREDICT = ("batch_size", "device", "precision", "tile", "overlap", "tta", "compile", "intensity")
 OUTPUT = ("output", "mask_format", "objects", "min_area", "overwrite")
 
 
@@ -274,7 +286,7 @@ def _check_train(cfg) -> None:
 
 TrainConfig = compose("TrainConfig", LABELLED, ("val_data", "output", "model", "num_classes", "class_names", "input_size", "epochs",
                                                 "batch_size", "lr", "weight_decay", "loss", "workers", "use_gpu", "seed",
-                                                "max_failures", "keep_checkpoints"), STORAGE, CLUSTER,
+                                                "max_failures", "keep_checkpoints", "intensity", "in_channels"), STORAGE, CLUSTER,
                       defaults={"model": "unet", "input_size": 256, "batch_size": 8}, check=_check_train,
                       doc="`rayseg train`: labelled data, model, schedule, workers.")
 

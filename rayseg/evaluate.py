@@ -61,7 +61,7 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
     opts = dataclasses.replace(PredictConfig.of(cfg), device="cuda" if "num_gpus" in resources else "cpu")  # where the plan put it
     device_log = DeviceLog.remote()
     ds, _ = read_labelled(cfg.data, k, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels, cfg.batch_size, units=units,
-                          stage_cpus=(runtime.READ_CPUS, runtime.DECODE_CPUS))  # fractions: whole CPUs would wait for the actors
+                          stage_cpus=(runtime.READ_CPUS, runtime.DECODE_CPUS), mask_mode=cfg.mask_mode)  # fractions: whole CPUs would wait for the actors
     ds = ds.map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_args=(bundle, opts),
                         fn_constructor_kwargs={"threads": threads, "report": DeviceReport(device_log)}, compute=runtime.actor_pool(pool), **resources)
     ds = ds.map_batches(confusion_batch, batch_size=cfg.batch_size, fn_kwargs={"num_classes": k}, num_cpus=runtime.ENCODE_CPUS)
@@ -92,6 +92,7 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
         "model": bundle.label,
         "model_digest": bundle.digest,
         "classes": bundle.card.names(),
+        "intensity": bundle.card.normalisation() if not cfg.intensity else cfg.intensity,
         "devices": devices,
         "pairs": pairs,
         "bad_pairs": len(bad),

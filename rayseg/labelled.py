@@ -4,7 +4,9 @@ Three layouts, found from what `storage.discover` returns:
 - HDF5 shards holding an `images` (N,H,W[,C]) and a `masks` (N,H,W) dataset (names: --h5-key, --mask-key);
 - paired folders `images/KEY.<ext>` and `masks/KEY.png` under one root, matched by file stem;
 - WebDataset tar shards with `KEY.<image ext>` and `KEY.mask.png` members.
-Masks are single-channel images of class indices. A pair that cannot be used (image undecodable, mask missing,
+Images keep their own dtype and channels (rayseg.decode.load). Masks are single-channel images (PNG, TIFF of any
+integer type, or HDF5) of class indices; with `mask_mode="binary"` every non-zero value is class 1, so instance
+masks (one id per object, as cellpose and stardist write them) train a foreground model. A pair that cannot be used (image undecodable, mask missing,
 sizes differ, a class value >= K, dataset lengths differ) becomes a row with `error` set, so train and evaluate
 can count and report it instead of failing or dropping it silently.
 """
@@ -20,7 +22,7 @@ import cv2
 import numpy as np
 
 from rayseg import storage
-from rayseg.decode import EMPTY, decode, errors_of, ragged_column
+from rayseg.decode import EMPTY, TIFF_MAGIC, errors_of, load, ragged_column
 from rayseg.shards import batches, error_reason, member_kinds, tar_samples
 from rayseg.storage import IMAGE_EXTS, filesystem
 
@@ -122,6 +124,10 @@ def read_pair_units(batch: dict[str, np.ndarray], storage_options: dict, h5_key:
 def decode_mask(data: bytes, fmt: str) -> np.ndarray:
     if fmt == "npy":
         arr = np.load(io.BytesIO(data), allow_pickle=False)
+    elif data[:4] in TIFF_MAGIC:
+        import tifffile
+
+        arr = tifffile.imread(io.BytesIO(data))  # 16- and 32-bit label images, which OpenCV reads only in part
     else:
         if len(data) == 0:
             raise ValueError("the mask file is empty (0 bytes)")
@@ -137,37 +143,43 @@ def decode_mask(data: bytes, fmt: str) -> np.ndarray:
     return arr
 
 
-def check_pair(image: np.ndarray, mask: np.ndarray, num_classes: int) -> np.ndarray:
-    """The mask as uint8, or ValueError saying why the pair is unusable."""
+def check_pair(image: np.ndarray, mask: np.ndarray, num_classes: int, mask_mode: str = "semantic") -> np.ndarray:
+    """The mask as uint8 (binary mode: non-zero -> 1), or ValueError saying why the pair is unusable."""
+    if mask_mode == "binary":
+        mask = mask != 0
     if mask.shape != image.shape[:2]:
         raise ValueError(f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image size {image.shape[1]}x{image.shape[0]}")
     top = int(mask.max()) if mask.size else 0
     if top >= num_classes or (mask.size and int(mask.min()) < 0):
         bad = sorted(int(v) for v in np.unique(mask) if v >= num_classes or v < 0)
-        raise ValueError(f"mask holds class value(s) {bad[:5]} outside 0..{num_classes - 1} (--num-classes {num_classes})")
+        hint = "; instance masks: --mask-mode binary" if top > num_classes else ""
+        raise ValueError(f"mask holds class value(s) {bad[:5]} outside 0..{num_classes - 1} (--num-classes {num_classes}{hint})")
     return mask.astype(np.uint8)
 
 
-def decode_pairs(batch: dict[str, np.ndarray], num_classes: int, max_pixels: int = 100_000_000) -> dict[str, np.ndarray]:
-    """Ray Data stage: pair rows -> {image_id, source, image, target, height, width, error}."""
+def decode_pairs(batch: dict[str, np.ndarray], num_classes: int, max_pixels: int = 100_000_000,
+                 mask_mode: str = "semantic") -> dict[str, np.ndarray]:
+    """Ray Data stage: pair rows -> {image_id, source, image, dtype, target, height, width, error} (`dtype`: see
+    decode.decode_batch)."""
     n = len(batch["image_id"])
     images, targets, errors = [], [], errors_of(batch)
     for i in range(n):
         img, msk = EMPTY, NO_MASK
         if errors[i] is None:
             try:
-                img = decode(batch["image_data"][i], batch["image_format"][i], max_pixels)
+                img = load(batch["image_data"][i], batch["image_format"][i], max_pixels)
             except Exception as e:  # noqa: BLE001 - whatever the codec raised, it is this pair's error
                 errors[i] = f"image undecodable ({e})"
         if errors[i] is None:
             try:
-                msk = check_pair(img, decode_mask(batch["mask_data"][i], batch["mask_format"][i]), num_classes)
+                msk = check_pair(img, decode_mask(batch["mask_data"][i], batch["mask_format"][i]), num_classes, mask_mode)
             except Exception as e:  # noqa: BLE001
                 errors[i], img = str(e), EMPTY
         images.append(img)
         targets.append(msk)
     return {
-        "image_id": batch["image_id"], "source": batch["source"], "image": ragged_column(images), "target": ragged_column(targets),
+        "image_id": batch["image_id"], "source": batch["source"], "image": ragged_column(images),
+        "dtype": np.array([im.dtype.name for im in images], dtype=object), "target": ragged_column(targets),
         "height": np.array([im.shape[0] if e is None else 0 for im, e in zip(images, errors)], np.int32),
         "width": np.array([im.shape[1] if e is None else 0 for im, e in zip(images, errors)], np.int32),
         "error": np.array(errors, dtype=object),
@@ -222,7 +234,7 @@ def find_pairs(inputs, storage_options: dict | None = None) -> tuple[list[dict],
 
 def read_labelled(inputs, num_classes: int, storage_options: dict | None = None, h5_key: str = "images",
                   mask_key: str = "masks", max_pixels: int = 100_000_000, batch_size: int = 16, units: list[dict] | None = None,
-                  stage_cpus: tuple[float, float] = (1, 1)):
+                  stage_cpus: tuple[float, float] = (1, 1), mask_mode: str = "semantic"):
     """(Ray Dataset of decoded pair rows, ignored URLs). `units` from find_pairs saves discovering `inputs` again;
     `stage_cpus` are the Ray CPUs of the read and decode tasks (fractions where predictor actors run beside them)."""
     import ray
@@ -233,7 +245,8 @@ def read_labelled(inputs, num_classes: int, storage_options: dict | None = None,
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(read_pair_units, batch_size=1, fn_kwargs={"storage_options": storage_options or {}, "h5_key": h5_key, "mask_key": mask_key},
                         num_cpus=stage_cpus[0])
-    ds = ds.map_batches(decode_pairs, batch_size=batch_size, fn_kwargs={"num_classes": num_classes, "max_pixels": max_pixels}, num_cpus=stage_cpus[1])
+    ds = ds.map_batches(decode_pairs, batch_size=batch_size, fn_kwargs={"num_classes": num_classes, "max_pixels": max_pixels, "mask_mode": mask_mode},
+                        num_cpus=stage_cpus[1])
     return ds, ignored
 
 

@@ -1,7 +1,10 @@
 """Model registry (torchvision segmentation models + a small UNet) and the rayseg checkpoint format.
 
 A checkpoint is a directory: `model.pt` (a plain state_dict, loaded with `torch.load(weights_only=True)`, so
-loading it cannot run code) and `model.json` (the model card). Its digest is sha256 over both files.
+loading it cannot run code) and `model.json` (the model card). Its digest is sha256 over both files. The card
+says what the model takes: `in_channels` (1, 3 or N) and `intensity`, how pixel values were normalised in
+training (rayseg.intensity); a card without them (older checkpoints) means 3 channels and the 8-bit conversion
+of earlier versions.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from rayseg.storage import filesystem, join
 
 WEIGHTS_FILE, CARD_FILE = "model.pt", "model.json"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+GREY_MEAN, GREY_STD = 0.449, 0.226  # ImageNet's over its three channels: the standardisation of any non-RGB channel
 TORCHVISION = ("fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
 DEFAULT_INPUT_SIZE = 256
 
@@ -78,11 +82,11 @@ def pointwise(num_classes: int, in_channels: int = 3, hidden: int = 16) -> nn.Mo
     return nn.Sequential(nn.Conv2d(in_channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, num_classes, 1))
 
 
-def build_model(architecture: str, num_classes: int, weights: str | None = None) -> nn.Module:
+def build_model(architecture: str, num_classes: int, weights: str | None = None, in_channels: int = 3) -> nn.Module:
     if architecture in ("unet", "pointwise"):
         if weights:
             raise UserError(f"the {architecture} model has no pretrained weights; leave out --weights or pass --checkpoint")
-        return UNet(num_classes) if architecture == "unet" else pointwise(num_classes)
+        return UNet(num_classes, in_channels) if architecture == "unet" else pointwise(num_classes, in_channels)
     if architecture not in TORCHVISION:
         raise UserError(f"unknown model {architecture!r}; choose one of unet, pointwise, {', '.join(TORCHVISION)}")
     import torchvision.models.segmentation as seg
@@ -98,8 +102,30 @@ def build_model(architecture: str, num_classes: int, weights: str | None = None)
         except Exception as e:  # noqa: BLE001 - offline, torchvision raises a URLError deep in its download code
             raise UserError(f"could not load torchvision weights {weights!r} for {architecture} (no model hub reachable?): {str(e).splitlines()[0]}") from None
         _replace_head(model, num_classes)
-        return OutOnly(model)
-    return OutOnly(builder(**kwargs))
+    else:
+        model = builder(**kwargs)
+    if in_channels != 3:
+        _set_in_channels(model, in_channels)
+    return OutOnly(model)
+
+
+def _set_in_channels(model: nn.Module, channels: int) -> None:
+    """Replace the backbone's first convolution (3 input channels) by one taking `channels`. Its RGB filters are
+    kept: a grey model gets their sum (a grey image repeated to RGB gives the same response), extra channels the
+    mean of the three, so pretrained weights stay a sensible start."""
+    name, conv = next((n, m) for n, m in model.backbone.named_modules() if isinstance(m, nn.Conv2d))
+    wide = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+                     conv.bias is not None)
+    with torch.no_grad():
+        w = conv.weight
+        if channels == 1:
+            wide.weight.copy_(w.sum(1, keepdim=True))
+        else:
+            wide.weight.copy_(torch.cat([w[:, : min(3, channels)], w.mean(1, keepdim=True).expand(-1, max(0, channels - 3), -1, -1)], 1))
+        if conv.bias is not None:
+            wide.bias.copy_(conv.bias)
+    parent, _, child = name.rpartition(".")
+    setattr(model.backbone.get_submodule(parent) if parent else model.backbone, child, wide)
 
 
 def _replace_head(model: nn.Module, num_classes: int) -> None:
@@ -114,6 +140,13 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
             setattr(parent, n.rpartition(".")[2], nn.Conv2d(m.in_channels, num_classes, m.kernel_size))
 
 
+def default_mean_std(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The card's mean and std (0..1 units) for a model of `channels` inputs: ImageNet's for RGB."""
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (GREY_MEAN,) * channels, (GREY_STD,) * channels
+
+
 @dataclass(frozen=True)
 class ModelCard:
     architecture: str
@@ -125,12 +158,20 @@ class ModelCard:
     trained_on: tuple[str, ...] = ()
     metrics: dict = field(default_factory=dict)
     rayseg_version: str = ""
+    in_channels: int = 3
+    intensity: dict | None = None  # rayseg.intensity's record; None: a card from before it was kept (16-bit / 257)
 
     def pixel_mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalisation in 0..255 units, shaped (1, C, 1, 1): (x - mean) / std of a uint8 image as float."""
         mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1) * 255
         std = torch.tensor(self.std, device=device).view(1, -1, 1, 1) * 255
         return mean, std
+
+    def normalisation(self) -> str:
+        """The intensity normalisation as --intensity text ("legacy": none recorded)."""
+        from rayseg.intensity import Intensity
+
+        return Intensity.from_json(self.intensity).spec()
 
     def names(self) -> list[str]:
         return list(self.class_names) if self.class_names else [f"class_{i}" for i in range(self.num_classes)]
@@ -162,7 +203,7 @@ class ModelBundle:
 
     def build(self) -> nn.Module:
         torch.manual_seed(0)  # every actor builds the same random model, so masks don't depend on which actor ran
-        model = build_model(self.card.architecture, self.card.num_classes, self.pretrained)
+        model = build_model(self.card.architecture, self.card.num_classes, self.pretrained, self.card.in_channels)
         if self.weights is not None:
             state = torch.load(io.BytesIO(self.weights), map_location="cpu", weights_only=True)
             model.load_state_dict(state)
@@ -254,7 +295,7 @@ def load_bundle(checkpoint: str | None = None, architecture: str = "lraspp_mobil
         except Exception as e:  # noqa: BLE001 - weights_only refuses pickled code; shapes may not match the card
             raise UserError(f"cannot load the weights in {checkpoint}: {str(e).splitlines()[0]}") from None
         return bundle
-    card = ModelCard(architecture, num_classes, input_size=input_size or DEFAULT_INPUT_SIZE)
+    card = ModelCard(architecture, num_classes, input_size=input_size or DEFAULT_INPUT_SIZE, intensity={"mode": "auto", "spec": "auto"})
     bundle = ModelBundle(card, None, f"pretrained-{weights}" if weights else "random-seed0", pretrained=weights)
     bundle.build()  # fail here, in the driver, rather than in every actor
     return bundle

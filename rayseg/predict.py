@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from rayseg.decode import errors_of
 from rayseg.errors import EnvError
+from rayseg.intensity import Inputs
 from rayseg.models import ModelBundle, for_inference
 from rayseg.tiling import sliding_window
 
@@ -158,6 +159,7 @@ class Predictor:
         self.device = resolve_device(opts.device)
         self.amp = autocast_dtype(self.device, opts.precision)
         self.card = bundle.card
+        self.inputs = Inputs(bundle.card, getattr(opts, "intensity", ""))  # dtype, channels and normalisation, per the card
         self.size = bundle.card.input_size
         self.model = for_inference(bundle.build(), self.device, opts.compile)
         self.mean, self.std = bundle.card.pixel_mean_std(self.device)
@@ -187,7 +189,7 @@ class Predictor:
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
         with torch.inference_mode():
-            x = torch.zeros((2, 3, s, s), device=self.device).contiguous(memory_format=torch.channels_last)
+            x = torch.zeros((2, self.card.in_channels, s, s), device=self.device).contiguous(memory_format=torch.channels_last)
             mask_and_confidence(self._forward(x, 2))
         per_image = (torch.cuda.max_memory_allocated(self.device) - before) / 2
         torch.cuda.empty_cache()
@@ -278,6 +280,7 @@ class Predictor:
     # -- the Ray Data stage -----------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, errors = batch["image"], errors_of(batch)
+        images, errors = self.inputs(images, batch.get("dtype"), errors)  # uint8 stays uint8 (fast path); deeper: float32
         stack, resize, tile = self.groups(images, errors)
         results: dict[int, Segmented] = {}
         if stack:

@@ -23,52 +23,25 @@ import time
 import zlib
 from typing import Any, NamedTuple
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from rayseg import storage
+from rayseg.augment import IGNORE, augment
 from rayseg.cliutil import add_command, config_from, print_summary
 from rayseg.config import TrainConfig, public_config
 from rayseg.errors import UserError
 from rayseg.metrics import ConfusionMatrix, nan_to_none
-from rayseg.models import CARD_FILE, IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_FILE, ModelCard
+from rayseg.intensity import Inputs
+from rayseg.models import CARD_FILE, WEIGHTS_FILE, ModelCard, default_mean_std
 
 log = logging.getLogger("rayseg")
 
 RUN_NAME, BEST_DIR, SUMMARY_FILE, STATE_FILE = "run", "best", "train_summary.json", "train_state.pt"
-IGNORE = 255  # mask value of pixels padded in by augmentation: no loss, no score
 
 
-# ---- augmentation and loss: plain functions, tested without Ray -----------------------------------
-
-
-def augment(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator,
-            scale: tuple[float, float] = (0.75, 1.25)) -> tuple[np.ndarray, np.ndarray]:
-    """Resize to size*s (s random), then a random crop or pad back to size, then random flips.
-
-    The whole image is first brought to the model input, as prediction does, so train and predict see the
-    same scale. Masks are resized with nearest neighbour; padding gets IGNORE in the mask.
-    """
-    side = max(8, int(round(size * rng.uniform(*scale))))
-    img = cv2.resize(image, (side, side), interpolation=cv2.INTER_LINEAR)
-    msk = cv2.resize(mask, (side, side), interpolation=cv2.INTER_NEAREST)
-    if side >= size:
-        y, x = rng.integers(0, side - size + 1, size=2)
-        img, msk = img[y : y + size, x : x + size], msk[y : y + size, x : x + size]
-    else:
-        out_img = np.empty((size, size, 3), np.uint8)
-        out_img[:] = np.round(np.array(IMAGENET_MEAN) * 255).astype(np.uint8)  # normalises to zero
-        out_msk = np.full((size, size), IGNORE, np.uint8)
-        y, x = rng.integers(0, size - side + 1, size=2)
-        out_img[y : y + side, x : x + side], out_msk[y : y + side, x : x + side] = img, msk
-        img, msk = out_img, out_msk
-    if rng.random() < 0.5:
-        img, msk = img[:, ::-1], msk[:, ::-1]
-    if rng.random() < 0.5:
-        img, msk = img[::-1], msk[::-1]
-    return np.ascontiguousarray(img), np.ascontiguousarray(msk)
+# ---- loss: plain functions, tested without Ray (augmentation: rayseg.augment) ---------------------
 
 
 def dice_loss(probs: torch.Tensor, onehot: torch.Tensor, valid: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -115,7 +88,7 @@ def is_mine(image_id: str, rank: int, world: int) -> bool:
 # ---- the Ray Train worker loop ------------------------------------------------------------------------
 
 
-def build_training(cfg: TrainConfig, train_rows: int, world: int):
+def build_training(cfg: TrainConfig, train_rows: int, world: int, in_channels: int = 3):
     """(model wrapped for DDP, optimizer, LR scheduler, run state): new, or restored from the run's last checkpoint."""
     import ray.train
     import ray.train.torch
@@ -123,7 +96,7 @@ def build_training(cfg: TrainConfig, train_rows: int, world: int):
     from rayseg.models import build_model
 
     torch.manual_seed(cfg.seed)  # the seed controls the initialisation (DDP then broadcasts rank 0's weights)
-    model = build_model(cfg.model, cfg.num_classes)
+    model = build_model(cfg.model, cfg.num_classes, in_channels=in_channels)
     state = {"epoch": 0, "history": [], "starts": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -152,8 +125,10 @@ def _all_mean(value: float, count: int, device: torch.device) -> float:
 
 
 def train_one_epoch(model: torch.nn.Module, optimizer, scheduler, shard, cfg: TrainConfig, epoch: int, rank: int,
-                    device: torch.device, mean: torch.Tensor, std: torch.Tensor) -> float:
-    """One pass over this rank's shard of the training data; returns the mean loss over all ranks."""
+                    device: torch.device, card: ModelCard) -> float:
+    """One pass over this rank's shard of the training data; returns the mean loss over all ranks. Images are
+    normalised whole, by the card, before augmentation: what the predictor does before resizing."""
+    inputs, (mean, std) = Inputs(card), card.pixel_mean_std(device)
     amp = torch.bfloat16 if device.type == "cuda" else None
     rng = np.random.default_rng([cfg.seed, rank, epoch])  # a resumed epoch sees the same augmentations
     model.train()
@@ -161,7 +136,8 @@ def train_one_epoch(model: torch.nn.Module, optimizer, scheduler, shard, cfg: Tr
     # a shuffle buffer of a few batches: batches differ from epoch to epoch, reproducibly for a resumed epoch
     for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=1,
                                     local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed * 100_003 + epoch):
-        pairs = [augment(im, m, cfg.input_size, rng) for im, m in zip(batch["image"], batch["target"])]
+        pairs = [augment(inputs.one(im, dt), m, cfg.input_size, rng, fill=card.mean)
+                 for im, dt, m in zip(batch["image"], batch["dtype"], batch["target"])]
         x = torch.from_numpy(np.stack([p[0] for p in pairs])).to(device).permute(0, 3, 1, 2).float()
         y = torch.from_numpy(np.stack([p[1] for p in pairs])).to(device).long()
         x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
@@ -193,8 +169,9 @@ def validate(model: torch.nn.Module, card: ModelCard, val_iter, batch_size: int,
         images = np.empty(len(mine), dtype=object)
         images[:] = [batch["image"][i] for i in mine]
         out = predictor({"image_id": np.asarray(batch["image_id"])[mine], "image": images, "error": np.full(len(mine), None, dtype=object)})
-        for pred, i in zip(out["mask"], mine):
-            cm.update(pred, batch["target"][i])
+        for pred, error, i in zip(out["mask"], out["error"], mine):
+            if error is None:  # an image the model cannot take (channels) has no mask to score
+                cm.update(pred, batch["target"][i])
     return cm.reduce_from_all_processes()
 
 
@@ -232,13 +209,14 @@ def train_loop(loop: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the validation Predictor asks for "cuda": make that this rank's GPU
-    model, optimizer, scheduler, state = build_training(cfg, loop["train_rows"], world)
-    card = ModelCard(cfg.model, cfg.num_classes, tuple(cfg.class_names), cfg.input_size, IMAGENET_MEAN, IMAGENET_STD, tuple(loop["trained_on"]))
-    mean, std = card.pixel_mean_std(device)
+    channels = loop["in_channels"]
+    model, optimizer, scheduler, state = build_training(cfg, loop["train_rows"], world, channels)
+    card = ModelCard(cfg.model, cfg.num_classes, tuple(cfg.class_names), cfg.input_size, *default_mean_std(channels),
+                     tuple(loop["trained_on"]), in_channels=channels, intensity=loop["intensity"])
     train_shard, val_iter = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        train_loss = train_one_epoch(model, optimizer, scheduler, train_shard, cfg, epoch, rank, device, mean, std)
+        train_loss = train_one_epoch(model, optimizer, scheduler, train_shard, cfg, epoch, rank, device, card)
         model.eval()
         scores = validate(getattr(model, "module", model), card, val_iter, cfg.batch_size, rank, world).to_json_dict()
         metrics = epoch_metrics(epoch, train_loss, scores, scheduler.get_last_lr()[0], time.perf_counter() - t0)
@@ -308,12 +286,15 @@ class TrainData(NamedTuple):
     val_pairs: int
     bad: list  # (image_id, error) of each skipped pair, training data first
     ignored: list  # URLs of files that belong to no labelled layout
+    in_channels: int  # of the model: the training images' (rayseg.intensity.model_channels)
+    intensity: dict  # the normalisation record for model.json, with dataset statistics where measured
 
 
 def build_datasets(cfg: TrainConfig) -> TrainData:
     """Find, read and check the labelled pairs. Ray starts here, once the inputs are known to exist."""
     import ray
 
+    from rayseg.intensity import dataset_rows, measure, model_channels, parse
     from rayseg.labelled import find_pairs, read_labelled, split_errors
     from rayseg.runtime import ensure_ray
 
@@ -327,16 +308,22 @@ def build_datasets(cfg: TrainConfig) -> TrainData:
         # not an error: an autoscaling cluster grows to fit; a fixed one will wait here for ever
         log.warning("train: %d worker(s) need %d CPU%s, the cluster has %g CPU and %g GPU now; waiting for the cluster to grow",
                     cfg.workers, cfg.workers, f" and {cfg.workers} GPU" if cfg.use_gpu else "", cpus, gpus)
-    train_ds, _ = read_labelled(cfg.data, cfg.num_classes, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels, units=train_units)
-    val_ds, _ = read_labelled(cfg.val_data, cfg.num_classes, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels, units=val_units)
+    kw = {"units": train_units, "mask_mode": cfg.mask_mode}
+    train_ds, _ = read_labelled(cfg.data, cfg.num_classes, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels, **kw)
+    val_ds, _ = read_labelled(cfg.val_data, cfg.num_classes, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels, **{**kw, "units": val_units})
     train_ds, n_train, train_bad = split_errors(train_ds, "train data")
     val_ds, n_val, val_bad = split_errors(val_ds, "validation data")
     if n_train < cfg.workers:
         raise UserError(f"only {n_train} usable training pair(s) for {cfg.workers} worker(s); see the skipped pairs above")
     if n_val == 0:
         raise UserError("no usable validation pairs; see the skipped pairs above")
+    seen, norm = measure(dataset_rows(train_ds), parse(cfg.intensity or "auto"))  # a distributed pass (two for dataset)
+    channels = model_channels(seen["channels"], cfg.in_channels)
+    if not norm.measured():
+        raise UserError("--intensity dataset measures each channel over the training set: the images need one channel count")
     # materialized so that, while the workers hold every CPU, no Ray Data task is left to schedule
-    return TrainData(train_ds.materialize(), val_ds.materialize(), n_train, n_val, train_bad + val_bad, ignored + val_ignored)
+    return TrainData(train_ds.materialize(), val_ds.materialize(), n_train, n_val, train_bad + val_bad, ignored + val_ignored,
+                     channels, norm.to_json())
 
 
 def build_trainer(cfg: TrainConfig, data: TrainData):
@@ -351,7 +338,8 @@ def build_trainer(cfg: TrainConfig, data: TrainData):
     return TorchTrainer(
         train_loop,
         train_loop_config={"config": public_config(cfg),  # workers read no storage: no secrets travel
-                           "train_rows": data.train_pairs, "trained_on": list(cfg.data)},
+                           "train_rows": data.train_pairs, "trained_on": list(cfg.data),
+                           "in_channels": data.in_channels, "intensity": data.intensity},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=RunConfig(
             name=RUN_NAME, storage_path=storage_path, storage_filesystem=None if local else pa_fs,
@@ -379,7 +367,7 @@ def run_summary(cfg: TrainConfig, data: TrainData, result, best_checkpoint, best
         "epochs_completed": int(state["epoch"]),
         "starts": list(state["starts"]),  # the epoch each attempt began at: [1, 3] = resumed at epoch 3
         "history": nan_to_none(list(state["history"])),
-        "model": cfg.model, "num_classes": cfg.num_classes,
+        "model": cfg.model, "num_classes": cfg.num_classes, "in_channels": data.in_channels, "intensity": data.intensity,
         "class_names": ModelCard(cfg.model, cfg.num_classes, tuple(cfg.class_names)).names(),
         "train_pairs": data.train_pairs, "val_pairs": data.val_pairs, "bad_pairs": len(data.bad),
         "bad_pair_examples": [{"image_id": i, "error": e} for i, e in data.bad[:20]],

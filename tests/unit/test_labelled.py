@@ -95,7 +95,7 @@ def test_unusable_pairs_are_error_rows_not_failures(tmp_path):
     assert errors["good.png"] is None
     assert errors["nomask.png"].startswith("mask missing")
     assert errors["small.png"] == "mask size 6x5 differs from image size 6x6"
-    assert errors["classes.png"] == f"mask holds class value(s) [{K}, 200] outside 0..{K - 1} (--num-classes {K})"
+    assert errors["classes.png"] == f"mask holds class value(s) [{K}, 200] outside 0..{K - 1} (--num-classes {K}; instance masks: --mask-mode binary)"
     assert errors["broken.png"].startswith("image undecodable")
     for k, r in rows.items():
         if r["error"]:
