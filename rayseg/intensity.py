@@ -236,16 +236,16 @@ class Inputs:
 
     def __call__(self, images, dtypes, errors: list[str | None]) -> tuple[np.ndarray, list[str | None]]:
         """(images ready for the device, errors): a row whose image does not fit the model becomes an error row."""
-        out = np.empty(len(images), dtype=object)
-        errors = list(errors)
+        from rayseg.decode import ragged_column
+
+        out, errors = list(images), list(errors)
         for i, img in enumerate(images):
-            out[i] = img
             if errors[i] is None:
                 try:
                     out[i] = self.one(img, None if dtypes is None else dtypes[i])
                 except ValueError as e:
                     errors[i] = str(e)
-        return out, errors
+        return ragged_column(out), errors
 
 
 # ---- the training set's statistics, for `dataset` (and the channel count of every mode) ---------------------
@@ -341,7 +341,7 @@ def measure(rows_of, spec: Intensity) -> tuple[dict, Intensity]:
 
 def local_rows(batches):
     """`rows_of` for `measure` in one process, over an iterable of batches (re-iterable: a list)."""
-    return lambda fn, kwargs: [fn(b, **kwargs) for b in batches]
+    return lambda fn, kwargs: [{k: v[0] for k, v in fn(b, **kwargs).items()} for b in batches]  # one row per batch, as Ray gives
 
 
 def dataset_rows(ds, batch_size: int = 64):

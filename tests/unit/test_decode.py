@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from conftest import png_bytes
-from rayseg.decode import DecodeError, decode, decode_batch, to_uint8
+from rayseg.decode import DecodeError, decode, decode_batch, load, to_uint8
 
 
 def test_colour_png_comes_out_rgb():
@@ -89,7 +89,76 @@ def test_decode_batch_keeps_bad_rows_flowing():
     }
     out = decode_batch(batch)
     assert out["error"][0] is None and out["image"][0].shape == (3, 4, 3)
+    assert out["dtype"].tolist() == ["uint8", "uint8", "uint8"]
     assert "not a decodable image" in out["error"][1]
     assert out["error"][2] == "could not read the file"  # an earlier stage's error is kept as is
     assert out["height"].tolist() == [3, 0, 0]
     assert "data" not in out
+
+
+def tiff_bytes(arr: np.ndarray, **kwargs) -> bytes:
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, **kwargs)
+    return buf.getvalue()
+
+
+def test_load_keeps_16bit_values_and_grey_as_one_channel():
+    img = np.array([[0, 235, 65535]], np.uint16)
+    out = load(png_bytes(img), "encoded")
+    assert out.dtype == np.uint16 and out.shape == (1, 3, 1) and out[0, :, 0].tolist() == [0, 235, 65535]
+    colour = np.random.default_rng(0).integers(0, 65535, (5, 6, 3)).astype(np.uint16)
+    rgb = load(png_bytes(colour), "encoded")  # written as BGR by OpenCV, read back as RGB
+    assert rgb.dtype == np.uint16 and np.array_equal(rgb, colour[..., ::-1])
+
+
+def test_float32_zstd_tiled_bigtiff_decodes_exactly():
+    arr = np.random.default_rng(0).normal(100, 30, (100, 70)).astype(np.float32)
+    data = tiff_bytes(arr, bigtiff=True, tile=(32, 32), compression="zstd")
+    assert data[:4] == b"II+\x00"  # BigTIFF
+    out = load(data, "encoded")
+    assert out.dtype == np.float32 and out.shape == (100, 70, 1) and np.array_equal(out[..., 0], arr)
+
+
+def test_ome_tiff_channels_become_the_last_axis():
+    arr = np.random.default_rng(1).integers(0, 4000, (5, 40, 30)).astype(np.uint16)
+    out = load(tiff_bytes(arr, ome=True, metadata={"axes": "CYX"}, compression="lzw"), "encoded")
+    assert out.shape == (40, 30, 5) and out.dtype == np.uint16 and np.array_equal(np.moveaxis(out, 2, 0), arr)
+
+
+def test_multipage_and_signed_tiff():
+    pages = np.random.default_rng(2).integers(-1000, 2000, (3, 20, 10)).astype(np.int16)
+    out = load(tiff_bytes(pages, compression="deflate"), "encoded")
+    assert out.shape == (20, 10, 3) and out.dtype == np.int16 and np.array_equal(np.moveaxis(out, 2, 0), pages)
+    assert decode(tiff_bytes(pages[0]), "encoded").shape == (20, 10, 3)  # the picture of it, for reports
+
+
+def test_tiff_orientation_is_applied():
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    out = load(tiff_bytes(rgb, photometric="rgb", extratags=[(274, "H", 1, 6, True)]), "encoded")
+    assert out.shape == (30, 20, 3)
+
+
+def test_tiff_pixel_limit_is_checked_before_any_pixel_is_decompressed(monkeypatch):
+    import tifffile
+
+    data = tiff_bytes(np.zeros((300, 200), np.uint16), tile=(64, 64), compression="zstd")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", refuse)
+    with pytest.raises(DecodeError, match="200x300 = 60,000 pixels, over the limit"):
+        load(data, "encoded", max_pixels=50_000)
+
+
+def test_arrays_keep_every_channel():
+    buf = io.BytesIO()
+    np.save(buf, np.ones((4, 6, 12), np.float64))
+    out = load(buf.getvalue(), "npy")
+    assert out.shape == (4, 6, 12) and out.dtype == np.float32
+    buf = io.BytesIO()
+    np.save(buf, np.ones((4, 6, 65), np.uint8))
+    with pytest.raises(DecodeError, match="65 channels"):
+        load(buf.getvalue(), "npy")

@@ -73,3 +73,56 @@ def test_pixel_mean_std_normalises_uint8_values_like_the_card_says():
     x = torch.randint(0, 256, (2, 3, 4, 5)).float()
     want = (x / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     torch.testing.assert_close((x - mean) / std, want)
+
+
+@pytest.mark.parametrize("architecture, channels", [("unet", 1), ("unet", 5), ("pointwise", 12),
+                                                     ("lraspp_mobilenet_v3_large", 4), ("deeplabv3_mobilenet_v3_large", 1)])
+def test_models_are_built_for_any_channel_count(architecture, channels):
+    torch.manual_seed(0)
+    model = build_model(architecture, 2, in_channels=channels).eval()
+    with torch.inference_mode():
+        assert model(torch.randn(1, channels, 64, 64)).shape == (1, 2, 64, 64)
+
+
+def test_a_widened_first_convolution_keeps_the_rgb_filters():
+    from rayseg.models import _set_in_channels
+
+    torch.manual_seed(0)
+    model = build_model("lraspp_mobilenet_v3_large", 2).model
+    rgb = next(m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)).weight.detach().clone()
+    _set_in_channels(model, 5)
+    wide = next(m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)).weight
+    assert wide.shape[1] == 5 and torch.equal(wide[:, :3], rgb) and torch.allclose(wide[:, 4], rgb.mean(1))
+
+
+def test_card_carries_channels_and_normalisation_and_a_card_from_before_still_loads(tmp_path):
+    import json
+
+    import numpy as np
+
+    from rayseg.config import PredictConfig
+    from rayseg.decode import ragged_column, to_uint8
+    from rayseg.predict import Predictor
+
+    torch.manual_seed(0)
+    record = {"mode": "percentile", "spec": "percentile:1:99.8", "low": 1.0, "high": 99.8}
+    save_checkpoint(build_model("unet", 2, in_channels=1), ModelCard("unet", 2, in_channels=1, mean=(0.449,), std=(0.226,), intensity=record),
+                    str(tmp_path / "new"))
+    card = json.loads((tmp_path / "new" / "model.json").read_text())
+    assert card["in_channels"] == 1 and card["intensity"] == record
+    assert load_bundle(str(tmp_path / "new")).card.normalisation() == "percentile:1:99.8"
+
+    # a checkpoint written before channels and normalisation were recorded: its model.json lacks both
+    save_checkpoint(build_model("pointwise", 2), ModelCard("pointwise", 2), str(tmp_path / "old"))
+    old = json.loads((tmp_path / "old" / "model.json").read_text())
+    for key in ("in_channels", "intensity"):
+        old.pop(key)
+    (tmp_path / "old" / "model.json").write_text(json.dumps(old))
+    bundle = load_bundle(str(tmp_path / "old"))
+    assert bundle.card.in_channels == 3 and bundle.card.intensity is None and bundle.card.normalisation() == "legacy"
+    # and it segments a 16-bit grey image exactly as before: divided by 257 and repeated to RGB
+    img = np.random.default_rng(0).integers(0, 65535, (32, 32, 1)).astype(np.uint16)
+    as_before = np.repeat(to_uint8(img), 3, axis=2)
+    predictor = Predictor(bundle, PredictConfig(batch_size=2, device="cpu"))
+    batch = lambda im: {"image_id": np.array(["a"], dtype=object), "image": ragged_column([im]), "error": np.array([None], dtype=object)}  # noqa: E731
+    assert np.array_equal(predictor(batch(img))["mask"][0], predictor(batch(as_before))["mask"][0])
