@@ -121,7 +121,7 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
 
         with Lease(cfg.output, so, run_id, cfg.lease_seconds, cfg.lease_wait) as lease:
             previous = lease.previous
-            table.open_table(cfg.output, so, create=True)
+            lease.at_least((table.open_table(cfg.output, so, create=True).transaction_version(table.APP_ID) or 0) + 1)
             state = table.read_state(cfg.output, so)  # again, under the lease: another run may have committed meanwhile
             b = backlog(shards, state.records, key)
             table.compact_manifest(cfg.output, so, state)  # parts a killed run left

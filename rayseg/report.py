@@ -30,8 +30,9 @@ import pyarrow.compute as pc
 from rayseg import storage
 from rayseg.cliutil import add_command
 from rayseg.config import ReportConfig
-from rayseg.layout import IMAGES_DIR, SUMMARY_FILE
 from rayseg.errors import UserError
+from rayseg.layout import IMAGES_DIR, SUMMARY_FILE
+from rayseg.table import read_table
 
 log = logging.getLogger("rayseg")
 
@@ -265,14 +266,11 @@ def card_html(iid: str, info: dict, mask: np.ndarray | None, source, png_name: s
 
 def report(cfg: ReportConfig) -> dict:
     """Write the HTML report (and optional PNGs); returns what it counted."""
-    import pyarrow.dataset as pads
-
     t0 = time.perf_counter()
     so = cfg.storage_options
     images_url = storage.join(cfg.output, IMAGES_DIR)
-    fs, images_path = storage.pyarrow_filesystem(images_url, so)
     try:
-        dataset = pads.dataset(images_path, filesystem=fs, format="parquet")
+        dataset = read_table(cfg.output, so)  # the one read path: a segment folder or a nightly table's snapshot
     except (FileNotFoundError, OSError) as e:
         raise UserError(f"{cfg.output} is not a rayseg segment output (no readable {IMAGES_DIR}/: {str(e).splitlines()[0]})") from None
     missing = [c for c in SMALL_COLUMNS if c not in dataset.schema.names]

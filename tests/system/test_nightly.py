@@ -1,5 +1,6 @@
-"""`rayseg nightly`: only uncommitted shards are segmented, and every shard's rows are in OUT/images exactly once,
-across reruns, new shards, changed shards, a new model, and a driver killed with SIGKILL at random moments."""
+"""`rayseg nightly`: only uncommitted shards are segmented, and every shard's rows are in the table exactly once,
+across reruns, new shards, changed shards, a new model or output option, and a driver killed with SIGKILL at
+random moments."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ import torch
 from conftest import png_bytes, random_image, tar_bytes
 from rayseg import models
 from rayseg.errors import UserError
-from rayseg.nightly import IMAGES_DIR, LEDGER_DIR, NightlyConfig, nightly
+from rayseg.layout import IMAGES_DIR
+from rayseg.nightly import NightlyConfig, nightly
+from rayseg.table import MANIFEST_DIR, open_table, read_state, read_table
 
 RAYSEG = str(Path(sys.executable).with_name("rayseg"))
 OPTS = {"model": "unet", "input_size": 32, "batch_size": 8, "quiet": True}
@@ -41,12 +44,13 @@ def checkpoint(path: Path, seed: int) -> str:
     return str(path)
 
 
-def table(out: Path) -> pd.DataFrame:
-    return pd.read_parquet(out / IMAGES_DIR)
+def table(out: Path, storage_options: dict | None = None) -> pd.DataFrame:
+    """The output read the documented way: one snapshot of the table."""
+    return read_table(str(out), storage_options).to_table().to_pandas()
 
 
-def assert_exactly_once(out: Path, expected: set[str]) -> pd.DataFrame:
-    df = table(out)
+def assert_exactly_once(out: Path, expected: set[str], storage_options: dict | None = None) -> pd.DataFrame:
+    df = table(out, storage_options)
     dupes = df.image_id[df.image_id.duplicated()].tolist()
     assert not dupes, f"rows committed twice: {dupes[:5]}"
     assert set(df.image_id) == expected
@@ -55,6 +59,10 @@ def assert_exactly_once(out: Path, expected: set[str]) -> pd.DataFrame:
 
 def run(inputs: Path, out: Path, **kw) -> dict:
     return nightly(NightlyConfig(inputs=(str(inputs),), output=str(out), **{**OPTS, **kw}))
+
+
+def data_files(out: Path) -> list[str]:
+    return sorted(open_table(str(out), None).file_uris())
 
 
 def test_nightly_commits_each_shard_once(ray_local, tmp_path):
@@ -66,19 +74,20 @@ def test_nightly_commits_each_shard_once(ray_local, tmp_path):
     ckpt_a, ckpt_b = checkpoint(tmp_path / "a", 1), checkpoint(tmp_path / "b", 2)
 
     first = run(inp, out, checkpoint=ckpt_a)
-    assert (first["shards_new"], first["shards_skipped"], first["shards_failed"]) == (4, 0, 1)
+    assert (first["shards_new"], first["shards_skipped"], first["shards_failed"], first["shards_pending"]) == (4, 0, 1, 0)
     assert first["failed_shards"] == [f"file://{inp}/broken.tar"]
     assert (first["rows"], first["errors"]) == (13, 1)
     assert_exactly_once(out, expected)
-    assert len(list((out / LEDGER_DIR).glob("*.json"))) == 4
+    assert len(read_state(str(out), None).records) == 4
     assert json.loads((out / "_runs" / f"{first['run_id']}.json").read_text())["shards_new"] == 4
+    assert json.loads((out / "_lease.json").read_text())["released"]  # at the end of the run
 
-    # Nothing new: answered from the ledger, published files untouched.
-    before = {p.name: p.stat().st_mtime_ns for p in (out / IMAGES_DIR).iterdir()}
+    # Nothing new: answered from the manifest, the table untouched.
+    version = open_table(str(out), None).version()
     second = run(inp, out, checkpoint=ckpt_a)
     assert second["nothing_new"] and second["shards_new"] == 0 and second["shards_skipped"] == 4
     assert second["elapsed_s"] < 10 and second["cluster"] is None and first["cluster"]["CPU"] == 2
-    assert {p.name: p.stat().st_mtime_ns for p in (out / IMAGES_DIR).iterdir()} == before
+    assert open_table(str(out), None).version() == version
 
     # A new shard is segmented alone.
     expected |= set(write_tar(inp / "s3.tar", 3, 3))
@@ -99,28 +108,36 @@ def test_nightly_commits_each_shard_once(ray_local, tmp_path):
     assert (fifth["shards_new"], fifth["shards_changed"], fifth["shards_skipped"]) == (5, 5, 0)
     df = assert_exactly_once(out, expected)
     assert set(df.model) == {fifth["model"]}
-    assert len(list((out / IMAGES_DIR).glob("*.parquet"))) == 5
+    assert len(data_files(out)) == 1  # one wave, one file: files grow with the data, not with the shards
+
+    # So does an option that changes rows (here --mask-format), and --status tells it before any run.
+    status = run(inp, out, checkpoint=ckpt_b, mask_format="rle", status=True)
+    assert (status["shards_new"], status["shards_changed"], status["shards_done"], status["running"]) == (0, 5, 0, None)
+    sixth = run(inp, out, checkpoint=ckpt_b, mask_format="rle")
+    assert (sixth["shards_changed"], sixth["rows"]) == (5, 14)
+    df = assert_exactly_once(out, expected)
+    assert df.mask_png.isna().all() and df[df.error.isna()].mask_rle.notna().all()
+    assert run(inp, out, checkpoint=ckpt_b, mask_format="rle")["nothing_new"]
 
 
-def test_nightly_recovers_from_a_run_killed_mid_commit(ray_local, tmp_path):
-    """The states a kill can leave: a shard published but not recorded, a staging folder, a publish temp file."""
+def test_nightly_ignores_what_a_killed_run_left(ray_local, tmp_path):
+    """A kill leaves a wave file the log never named and a manifest part no commit names: neither counts."""
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     expected = {i for s in range(2) for i in write_tar(inp / f"s{s}.tar", 3, s)}
     run(inp, out)
-    ledger = sorted((out / LEDGER_DIR).glob("*.json"))
-    lost = json.loads(ledger[0].read_text())
-    ledger[0].unlink()  # killed after publishing this shard's file, before its record
-    (out / "_staging" / "20000101T000000Z-deadbeef" / "shard_key=abc").mkdir(parents=True)
-    (out / "_staging" / "20000101T000000Z-deadbeef" / "shard_key=abc" / "part.parquet").write_bytes(b"PAR1 half")
-    (out / IMAGES_DIR / f".{lost['files'][0]}.x.tmp").write_bytes(b"PAR1 half")
-
-    again = run(inp, out)
-    assert (again["shards_new"], again["shards_skipped"], again["leftovers_removed"]) == (1, 1, 2)
+    committed = Path(data_files(out)[0].removeprefix("file://"))
+    orphan = out / IMAGES_DIR / "20000101T000000Z-deadbeef" / "w00001.parquet"  # the same rows again, never committed
+    orphan.parent.mkdir()
+    shutil.copy(committed, orphan)
+    (out / MANIFEST_DIR / "parts").mkdir(parents=True, exist_ok=True)
+    shutil.copy(next((out / MANIFEST_DIR).glob("snapshot-*.parquet")), out / MANIFEST_DIR / "parts" / "20000101T000000Z-deadbeef-w00001.parquet")
     assert_exactly_once(out, expected)
-    assert sorted(p.name for p in (out / IMAGES_DIR).iterdir()) == sorted(
-        json.loads(p.read_text())["files"][0] for p in (out / LEDGER_DIR).glob("*.json"))
-    assert not list((out / "_staging").iterdir())
+    expected |= set(write_tar(inp / "s2.tar", 3, 2))
+    again = run(inp, out)
+    assert (again["shards_new"], again["shards_skipped"]) == (1, 2)
+    assert_exactly_once(out, expected)
+    assert not list((out / MANIFEST_DIR / "parts").iterdir())  # folded into the snapshot, or dropped
 
 
 def test_nightly_refuses_segment_only_options(tmp_path):
@@ -159,9 +176,14 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
+def committed_version(out: Path) -> int:
+    logs = sorted((out / IMAGES_DIR / "_delta_log").glob("*.json"))
+    return int(logs[-1].stem) if logs else -1
+
+
 @pytest.mark.timeout(420)
 def test_nightly_driver_killed_at_random_moments(tmp_path):
-    """Issue 5, fault 5: SIGKILL the nightly driver 3 times at random moments, then run it to the end."""
+    """SIGKILL the nightly driver 3 times at random moments, then run it to the end."""
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     expected = {i for s in range(4) for i in write_tar(inp / f"s{s}.tar", 3, s)}
@@ -169,44 +191,41 @@ def test_nightly_driver_killed_at_random_moments(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(HOME=str(tmp_path), RAY_TMPDIR=ray_tmp)  # the embedded Ray's token and sessions stay in tmp dirs
     cmd = [RAYSEG, "nightly", str(inp), "--output", str(out), "--model", "unet", "--input-size", "32",
-           "--batch-size", "4", "--quiet"]
+           "--batch-size", "4", "--quiet", "--commit-every", "3", "--lease-seconds", "5", "--lease-wait", "30"]
     rng = random.Random(5)
     try:
         for attempt in range(3):
             if attempt == 2:  # a rewritten shard (new mtime, same images), so this run has work even if the last finished
                 write_tar(inp / "s1.tar", 3, 1)
-            stale = set(out.glob("_staging/*"))  # left by the previous kill
+            before = committed_version(out)
             proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             # The first kill lands anywhere in start-up or segmentation. The others count their random delay from
-            # this run's first staged file, so they land while it writes, publishes or records (about 0.1 s here, measured).
+            # this run's first commit, so they land while it writes or commits the next waves.
             if attempt:
                 deadline = time.monotonic() + 150
-                while (not [f for f in out.glob("_staging/*/*/*") if f.parents[1] not in stale]
-                       and proc.poll() is None and time.monotonic() < deadline):
+                while committed_version(out) <= before + 1 and proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.01)
-            delay = rng.uniform(2.0, 20.0) if attempt == 0 else rng.uniform(0.0, 0.12)
+            delay = rng.uniform(2.0, 20.0) if attempt == 0 else rng.uniform(0.0, 0.5)
             time.sleep(delay)
             _kill_session(proc)
-            staged = list(out.glob("_staging/*/*"))
-            print(f"kill {attempt + 1} (+{delay:.2f}s): {len(list(out.glob('_ledger/*.json')))} shards committed, {len(staged)} staged")
-            if (out / IMAGES_DIR).exists() and any((out / IMAGES_DIR).glob("*.parquet")):
-                df = table(out)  # what a reader sees between runs: whole files, no row twice
+            print(f"kill {attempt + 1} (+{delay:.2f}s): table version {committed_version(out)}")
+            if (out / IMAGES_DIR / "_delta_log").exists():
+                df = table(out)  # what a reader sees between runs: whole shards, no row twice
                 assert not df.image_id.duplicated().any()
                 assert set(df.image_id) <= expected
+                assert set(df.groupby("shard").size()) <= {3}
         final = subprocess.run(cmd, env=env, start_new_session=True, capture_output=True, text=True, timeout=300)
         assert final.returncode == 0, final.stderr[-3000:]
         summary = json.loads(final.stdout.strip().splitlines()[-1])
-        assert summary["shards_new"] + summary["shards_skipped"] == 4
+        assert summary["shards_new"] + summary["shards_skipped"] == 4 and summary["shards_pending"] == 0
         assert_exactly_once(out, expected)
-        assert len(list((out / LEDGER_DIR).glob("*.json"))) == 4
-        assert not [p.name for p in (out / IMAGES_DIR).iterdir() if p.name.startswith(".")]
-        assert not list((out / "_staging").iterdir())
+        assert len(read_state(str(out), None).records) == 4
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_nightly_on_object_storage(ray_local, s3, tmp_path):
-    """Shards and OUT on S3 (a real S3 endpoint): versions are ETags, publishing is a copy to the final key."""
+    """Shards and OUT on S3 (a real S3 endpoint): versions are ETags; the table's log and lease use conditional puts."""
     import s3fs
 
     bucket, opts = s3
@@ -220,8 +239,7 @@ def test_nightly_on_object_storage(ray_local, s3, tmp_path):
     first = nightly(cfg)
     assert (first["shards_new"], first["rows"], first["errors"]) == (2, 4, 0)
     assert nightly(cfg)["nothing_new"]
-    fs.invalidate_cache()
-    published = fs.ls(f"{bucket}/out/images", detail=False)
-    assert len(published) == 2 and not [p for p in published if p.rsplit("/", 1)[1].startswith(".")]
-    df = pd.read_parquet(f"{bucket}/out/images", storage_options=opts)
+    df = table(f"{bucket}/out", opts)
     assert len(df) == 4 and set(df.image_id) == expected
+    fs.invalidate_cache()
+    assert json.loads(fs.cat(f"{bucket}/out/_lease.json"))["released"]

@@ -1,0 +1,242 @@
+"""One nightly run at a time per output folder: a lease object, OUT/_lease.json, that expires unless renewed.
+
+A run takes the lease before it reads the table's state and keeps it until it has committed its last wave; a
+thread renews it every third of its lifetime (--lease-seconds), and every commit renews it first, so a run that
+lost it stops before writing anything more. A second run finds a live lease and waits (--lease-wait) or stops
+with one sentence naming the holder. A lease left by a killed run expires and the next run takes it over.
+
+Taking and renewing are compare-and-swap writes, so two runs can never both believe they hold it:
+- S3: PutObject with `IfNoneMatch="*"` to take a free lease, `IfMatch=<ETag>` to renew or take over an expired one.
+- Local and mounted disks: the read-compare-write happens under an exclusive `flock` on OUT/.lease.lock.
+- Other stores (GCS, Azure, HTTP, ...) are written without a precondition: two runs started within the same
+  second could both take the lease. The table's own commit protocol still rejects conflicting commits, but the
+  loser's finished work is lost; schedule one run at a time there (the cluster schedules forbid overlap).
+
+Each lease carries a generation number, raised by every take-over; commits record it as the table's application
+transaction, so a commit from a run whose lease has passed to another is refused (table.commit_wave).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import posixpath
+import socket
+import threading
+import time
+import uuid
+
+from rayseg import storage
+from rayseg.errors import UserError
+
+log = logging.getLogger("rayseg")
+
+LEASE_FILE, LOCK_FILE = "_lease.json", ".lease.lock"
+POLL_S = 1.0  # how often a waiting run looks at the lease again
+
+
+class LeaseHeld(UserError):
+    """Another live run holds OUT's lease (one sentence, exit 2)."""
+
+
+class LeaseLost(RuntimeError):
+    """This run's lease expired and another run took it: stop without committing more."""
+
+
+class Conflict(Exception):
+    """A compare-and-swap write found the lease changed since it was read."""
+
+
+class _Store:
+    """The lease object: read -> (record, etag), and writes conditional on the etag (None: must not exist)."""
+
+    def __init__(self, output: str, storage_options: dict):
+        self.fs, root = storage.filesystem(output, storage_options)
+        self.path = posixpath.join(root, LEASE_FILE)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.kind = "s3" if {"s3", "s3a"} & set(protocols) else "local" if "file" in protocols else "other"
+        if self.kind == "local":
+            self.fs.makedirs(root, exist_ok=True)
+            self.lock_path = os.path.join(root, LOCK_FILE)
+        elif self.kind == "other":
+            log.warning("%s offers no conditional writes: the lease on it is best effort", storage.redact_url(output))
+
+    def read(self) -> tuple[dict | None, str | None]:
+        if self.kind == "s3":
+            bucket, key = self.path.split("/", 1)
+            try:
+                r = self.fs.call_s3("get_object", Bucket=bucket, Key=key)
+            except FileNotFoundError:
+                return None, None
+            body = _sync_read(self.fs, r["Body"])
+            return json.loads(body), r["ETag"]
+        try:
+            with self.fs.open(self.path, "rb") as f:
+                body = f.read()
+        except FileNotFoundError:
+            return None, None
+        return json.loads(body), _digest(body)
+
+    def write(self, record: dict, etag: str | None) -> str:
+        """Write `record` if the lease is still at `etag` (None: if there is none); returns the new etag."""
+        body = json.dumps(record, sort_keys=True).encode()
+        if self.kind == "s3":
+            bucket, key = self.path.split("/", 1)
+            cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+            try:
+                return self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **cond)["ETag"]
+            except Exception as e:  # noqa: BLE001 - 412 Precondition Failed / 409 ConditionalRequestConflict
+                if _is_precondition_failure(e):
+                    raise Conflict() from None
+                raise
+        with self._locked():
+            _, current = self.read()
+            if current != etag:
+                raise Conflict()
+            tmp = posixpath.join(posixpath.dirname(self.path), f".{LEASE_FILE}.{uuid.uuid4().hex[:8]}.tmp")
+            with self.fs.open(tmp, "wb") as f:
+                f.write(body)
+            self.fs.mv(tmp, self.path)  # a rename on disks: readers see the old lease or the new one, whole
+            return _digest(body)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        if self.kind != "local":
+            yield
+            return
+        import fcntl
+
+        with open(self.lock_path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _digest(body: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(body).hexdigest()
+
+
+def _sync_read(fs, body) -> bytes:
+    from fsspec.asyn import sync
+
+    async def read():
+        return await body.read()
+
+    return sync(fs.loop, read)
+
+
+def _is_precondition_failure(e: Exception) -> bool:
+    """412 Precondition Failed, or 409 ConditionalRequestConflict (two conditional writes raced); s3fs turns the
+    first into FileExistsError for IfNoneMatch and into OSError(EINVAL) for IfMatch."""
+    text = f"{type(e).__name__} {e}".lower()
+    return isinstance(e, FileExistsError) or any(w in text for w in ("precondition", "pre-condition", "conditionalrequestconflict"))
+
+
+def describe(record: dict) -> str:
+    left = max(0, record["expires_at"] - time.time())
+    return (f"run {record['run_id']} (host {record['host']}, pid {record['pid']}, started {record['acquired_at']}) "
+            f"holds it; its lease expires in {left:.0f} s unless renewed")
+
+
+def holder(output: str, storage_options: dict) -> dict | None:
+    """The live lease on OUT, if any (for --status); an expired one counts as none."""
+    record, _ = _Store(output, storage_options).read()
+    return record if record and record["expires_at"] > time.time() else None
+
+
+class Lease:
+    """`with Lease(OUT, so, run_id, ttl_s, wait_s) as lease:` holds OUT for this run, renewed in the background."""
+
+    def __init__(self, output: str, storage_options: dict, run_id: str, ttl_s: float, wait_s: float = 0.0):
+        self.store, self.output = _Store(output, storage_options), output
+        self.run_id, self.ttl_s, self.wait_s = run_id, ttl_s, wait_s
+        self.etag: str | None = None
+        self.record: dict = {}
+        self.previous: dict | None = None  # the expired lease this run took over (its last progress tells what was lost)
+        self.progress: dict = {}
+        self.lost = False
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        self._thread = threading.Thread(target=self._heartbeat, name="rayseg-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        if not self.lost and self.etag:  # released, not deleted: the generation number must only ever grow
+            with self._lock, contextlib.suppress(Conflict):
+                self.store.write({**self.record, "renewed_at": time.time(), "expires_at": 0, "released": True}, self.etag)
+
+    def _record(self, generation: int) -> dict:
+        t = time.time()
+        return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(), "generation": generation,
+                "acquired_at": self.record.get("acquired_at") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)),
+                "renewed_at": t, "expires_at": t + self.ttl_s, "ttl_s": self.ttl_s, "progress": self.progress}
+
+    def acquire(self) -> None:
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            current, etag = self.store.read()
+            if current is None or current["expires_at"] <= time.time():
+                try:
+                    self.record = self._record((current or {}).get("generation", 0) + 1)
+                    self.etag = self.store.write(self.record, etag)
+                except Conflict:  # another run took it between our read and write: look again
+                    continue
+                if current is not None and not current.get("released"):
+                    self.previous = current
+                    log.warning("took over the expired lease of run %s (last renewed %.0f s ago)", current["run_id"],
+                                time.time() - current["renewed_at"])
+                return
+            if time.monotonic() >= deadline:
+                raise LeaseHeld(f"another nightly run is writing {self.output}: {describe(current)}")
+            time.sleep(min(POLL_S, max(0.05, deadline - time.monotonic())))
+
+    @property
+    def generation(self) -> int:
+        return self.record["generation"]
+
+    def at_least(self, generation: int) -> None:
+        """Raise the generation past the table's (a lease object deleted by hand restarts the count)."""
+        if self.generation < generation:
+            with self._lock:
+                record = {**self.record, "generation": generation}
+                self.etag = self.store.write(record, self.etag)
+                self.record = record
+
+    def renew(self, progress: dict | None = None) -> None:
+        """Extend the lease (and record progress); LeaseLost if another run has taken it."""
+        with self._lock:
+            if self.lost:
+                raise LeaseLost(f"run {self.run_id} lost its lease on {self.output}")
+            if progress is not None:
+                self.progress = progress
+            record = {**self._record(self.generation), "acquired_at": self.record["acquired_at"]}
+            try:
+                self.etag = self.store.write(record, self.etag)
+                self.record = record
+            except Conflict:
+                self.lost = True
+                raise LeaseLost(f"run {self.run_id} lost its lease on {self.output}: another run took it over") from None
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self.renew()
+            except LeaseLost as e:
+                log.error("%s", e)
+                return
+            except Exception as e:  # noqa: BLE001 - a storage hiccup: the next beat tries again, well before expiry
+                log.warning("renewing the lease failed (%s: %s)", type(e).__name__, e)

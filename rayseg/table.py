@@ -1,0 +1,293 @@
+"""The nightly output as a Delta Lake table, its manifest of committed shards, and `read_table`, the one way to
+read any rayseg output.
+
+    import duckdb, rayseg
+    images = rayseg.read_table("s3://masks/nightly", storage_options={...})   # a pyarrow Dataset: one snapshot
+    duckdb.sql("SELECT count(*), count(error) FROM images")
+
+OUT/images/ of a nightly output is a Delta table: its log (`_delta_log/`) says which Parquet files make up each
+version, and each wave of a run is one atomic commit that adds the wave's file and removes the files that held
+earlier rows of the same shards. A reader that goes through the log (read_table, or any Delta reader: DuckDB's
+delta extension, Spark, Polars, deltalake) sees every committed image once; globbing OUT/images/**/*.parquet
+does not (it also sees uncommitted files of a running wave and files replaced but not yet vacuumed).
+
+The manifest says which shards are committed, under which key (model digest + output options) and in which
+file. Each wave writes its manifest rows to OUT/_manifest/parts/ before its commit and names that part in the
+commit's metadata, so a part counts only once its data is committed: a kill at any moment leaves the two in
+step. Runs fold the parts into one snapshot file (OUT/_manifest/snapshot-<table version>.parquet, named by
+OUT/_manifest/_snapshot.json), so reading the state costs one file plus the commits since the last run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import posixpath
+import time
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from rayseg import layout, storage
+from rayseg.objects import OBJECTS_TYPE
+from rayseg.stats import SCHEMA
+
+log = logging.getLogger("rayseg")
+
+NIGHTLY_SCHEMA = SCHEMA.append(pa.field("objects", OBJECTS_TYPE))  # objects: null unless --objects
+MANIFEST_DIR, PARTS_DIR, POINTER = "_manifest", "parts", "_snapshot.json"
+MANIFEST_SCHEMA = pa.schema([("shard_url", pa.string()), ("size", pa.int64()), ("version", pa.string()), ("key", pa.string()),
+                             ("file", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()), ("run_id", pa.string()),
+                             ("committed_at", pa.string())])
+APP_ID = "rayseg-nightly"  # the application transaction id carrying the lease generation
+PART_KEY = "rayseg.manifest_part"
+# Files replaced by a commit stay this long for readers still holding an older snapshot, then `vacuum` deletes them
+# (with files of waves that never committed).
+VACUUM_HOURS = 24
+
+
+# ---- where the table is, for delta-rs --------------------------------------------------------------------
+
+
+def delta_location(url: str, storage_options: dict | None) -> tuple[str, dict]:
+    """(table URI, delta-rs storage options) for an fsspec URL and its fsspec storage options."""
+    fs, path = storage.filesystem(url, storage_options)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols:
+        return os.path.abspath(path), {}
+    so = storage_options or {}
+    if {"s3", "s3a"} & set(protocols):
+        opts = {"AWS_REGION": (so.get("client_kwargs") or {}).get("region_name") or os.environ.get("AWS_REGION") or "us-east-1"}
+        for ours, theirs in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN")):
+            if so.get(ours):
+                opts[theirs] = so[ours]
+        endpoint = so.get("endpoint_url") or (so.get("client_kwargs") or {}).get("endpoint_url")
+        if endpoint:
+            opts["AWS_ENDPOINT_URL"] = endpoint
+            opts["AWS_ALLOW_HTTP"] = str(endpoint.startswith("http://")).lower()
+        return f"s3://{path}", opts
+    return fs.unstrip_protocol(path), {}  # gs://, az://, ...: delta-rs takes credentials from the environment
+
+
+def is_table(output: str, storage_options: dict | None) -> bool:
+    fs, path = storage.filesystem(storage.join(output, layout.IMAGES_DIR, "_delta_log"), storage_options)
+    fs.invalidate_cache(path)
+    return fs.exists(path)
+
+
+def open_table(output: str, storage_options: dict | None, create: bool = False):
+    """The images table of OUT (None if there is none and `create` is off)."""
+    from deltalake import DeltaTable
+
+    uri, opts = delta_location(storage.join(output, layout.IMAGES_DIR), storage_options)
+    if not is_table(output, storage_options):
+        if not create:
+            return None
+        DeltaTable.create(uri, NIGHTLY_SCHEMA, mode="ignore", storage_options=opts, name="rayseg images")
+    return DeltaTable(uri, storage_options=opts)
+
+
+def read_table(output: str, storage_options: dict | None = None, table: str = "images") -> pads.Dataset:
+    """OUT's rows as one consistent snapshot: `table` is "images" (one row per image) or "objects" (one per object).
+
+    A nightly output is read through its Delta log; a `rayseg segment` output is a plain Parquet folder.
+    """
+    if table not in (layout.IMAGES_DIR, layout.OBJECTS_DIR):
+        raise ValueError(f"table must be {layout.IMAGES_DIR!r} or {layout.OBJECTS_DIR!r}")
+    if is_table(output, storage_options):
+        ds = open_table(output, storage_options).to_pyarrow_dataset()
+        if table == layout.OBJECTS_DIR:  # objects are committed inside their image rows, so both tables are one snapshot
+            from rayseg.objects import explode
+
+            rows = ds.to_table(columns=["image_id", "objects"], filter=pads.field("objects").is_valid())
+            return pads.dataset(explode(rows))
+        return ds
+    fs, path = storage.pyarrow_filesystem(storage.join(output, table), storage_options)
+    return pads.dataset(path, filesystem=fs, format="parquet")
+
+
+# ---- the manifest ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class State:
+    """Committed shards as of table version `version`: shard URL -> manifest row."""
+
+    records: dict[str, dict]
+    version: int = -1
+    snapshot_version: int = -1
+    table: object = None  # the DeltaTable, once there is one
+
+    def files(self) -> dict[str, list[str]]:
+        """Data file -> the shards whose rows it holds."""
+        out: dict[str, list[str]] = {}
+        for url, r in self.records.items():
+            if r["file"]:
+                out.setdefault(r["file"], []).append(url)
+        return out
+
+
+def sink(url: str, storage_options: dict | None):
+    """(pyarrow filesystem, path) to write a file at `url`, its folder made on disks (object stores need none)."""
+    fs, path = storage.pyarrow_filesystem(url, storage_options)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    return fs, path
+
+
+def _manifest_url(output: str, *parts: str) -> str:
+    return storage.join(output, MANIFEST_DIR, *parts)
+
+
+def _read_rows(url: str, storage_options: dict | None) -> list[dict]:
+    fs, path = storage.pyarrow_filesystem(url, storage_options)
+    return pq.read_table(path, filesystem=fs, schema=MANIFEST_SCHEMA).to_pylist()
+
+
+def read_state(output: str, storage_options: dict | None) -> State:
+    """The committed shards: the last snapshot, then the manifest parts of every commit after it."""
+    dt = open_table(output, storage_options)
+    if dt is None:
+        return State({})
+    try:
+        pointer = storage.read_json(_manifest_url(output, POINTER), storage_options)
+    except FileNotFoundError:
+        pointer = {"version": -1, "file": None}
+    records = {}
+    if pointer["file"]:
+        records = {r["shard_url"]: r for r in _read_rows(_manifest_url(output, pointer["file"]), storage_options)}
+    current = dt.version()
+    for part in _parts_since(output, storage_options, pointer["version"], current):
+        for r in _read_rows(_manifest_url(output, PARTS_DIR, part), storage_options):
+            records[r["shard_url"]] = r
+    return State(records, current, pointer["version"], dt)
+
+
+def _parts_since(output: str, storage_options: dict | None, after: int, upto: int) -> list[str]:
+    """Manifest parts named by the commits after version `after`, oldest first.
+
+    Read from the commit files themselves (one small object each) rather than DeltaTable.history, which holds
+    Python's GIL while it waits on storage.
+    """
+    if upto <= after:
+        return []
+    fs, log_dir = storage.filesystem(storage.join(output, layout.IMAGES_DIR, "_delta_log"), storage_options)
+    paths = [posixpath.join(log_dir, f"{v:020d}.json") for v in range(after + 1, upto + 1)]
+    bodies = fs.cat(paths)  # concurrent on object stores
+    parts = []
+    for path in paths:
+        for line in bodies[path].decode().splitlines():
+            info = json.loads(line).get("commitInfo") if line.strip() else None
+            if info and info.get(PART_KEY):
+                parts.append(info[PART_KEY])
+    return parts
+
+
+def compact_manifest(output: str, storage_options: dict | None, state: State) -> bool:
+    """Fold the parts into a new snapshot at the state's table version; drop older snapshots and all parts."""
+    if state.version == state.snapshot_version or state.version < 0 or not state.records:
+        return False
+    name = f"snapshot-{state.version:020d}.parquet"
+    fs, path = sink(_manifest_url(output, name), storage_options)
+    rows = sorted(state.records.values(), key=lambda r: r["shard_url"])
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), path, filesystem=fs)
+    storage.write_json(_manifest_url(output, POINTER), {"version": state.version, "file": name}, storage_options)
+    state.snapshot_version = state.version
+    # Only this run writes (it holds the lease): every part now is either folded in or from a wave that never committed.
+    ffs, root = storage.filesystem(_manifest_url(output), storage_options)
+    ffs.invalidate_cache(root)
+    stale = [p for p in ffs.find(root) if posixpath.basename(p) not in (name, POINTER) and not posixpath.basename(p).startswith(".")]
+    if stale:
+        ffs.rm(stale)
+    return True
+
+
+# ---- a wave's commit ---------------------------------------------------------------------------------------
+
+
+def write_file(table: pa.Table, url: str, storage_options: dict | None) -> int:
+    """Write one data file; returns its size in bytes."""
+    fs, path = sink(url, storage_options)
+    pq.write_table(table, path, filesystem=fs, row_group_size=8192)
+    return fs.get_file_info(path).size
+
+
+class FileStats:
+    """Delta file statistics of the columns readers filter on (row count, min, max, nulls), built as rows are written."""
+
+    COLUMNS = ("image_id", "shard")
+
+    def __init__(self):
+        self.rows, self.min, self.max, self.nulls = 0, {}, {}, dict.fromkeys(self.COLUMNS, 0)
+
+    def update(self, t: pa.Table) -> FileStats:
+        import pyarrow.compute as pc
+
+        self.rows += t.num_rows
+        for col in self.COLUMNS:
+            self.nulls[col] += t[col].null_count
+            mm = pc.min_max(t[col])
+            lo, hi = mm["min"].as_py(), mm["max"].as_py()
+            if lo is not None:
+                self.min[col] = min(lo, self.min.get(col, lo))
+                self.max[col] = max(hi, self.max.get(col, hi))
+        return self
+
+    def json(self) -> str:
+        return json.dumps({"numRecords": self.rows, "minValues": self.min, "maxValues": self.max, "nullCount": self.nulls})
+
+
+def add_action(rel: str, size: int, stats: FileStats):
+    from deltalake.transaction import AddAction
+
+    return AddAction(rel, size, {}, int(time.time() * 1000), True, stats.json())
+
+
+def file_size(output: str, rel: str, storage_options: dict | None) -> int:
+    fs, path = storage.pyarrow_filesystem(storage.join(output, layout.IMAGES_DIR, rel), storage_options)
+    return fs.get_file_info(path).size
+
+
+def keep_rows(output: str, storage_options: dict | None, rel: str, keep: list[str]) -> pa.Table:
+    """The rows of data file `rel` whose shard is in `keep` (what stays when its other shards are redone)."""
+    import pyarrow.compute as pc
+
+    fs, path = storage.pyarrow_filesystem(storage.join(output, layout.IMAGES_DIR, rel), storage_options)
+    t = pq.read_table(path, filesystem=fs, schema=NIGHTLY_SCHEMA)
+    return t.filter(pc.is_in(t["shard"], pa.array(keep, pa.string())))
+
+
+def commit(state: State, output: str, storage_options: dict | None, adds: list, removes: list[str], part_rows: list[dict],
+           part_name: str, generation: int, run_id: str) -> int:
+    """One atomic commit: add files, remove files, and name the manifest part written just before it."""
+    from deltalake.transaction import CommitProperties, RemoveAction, Transaction
+
+    fs, path = sink(_manifest_url(output, PARTS_DIR, part_name), storage_options)
+    pq.write_table(pa.Table.from_pylist(part_rows, schema=MANIFEST_SCHEMA), path, filesystem=fs)
+    dt = state.table
+    dt.update_incremental()
+    holder = dt.transaction_version(APP_ID) or 0
+    if holder > generation:
+        from rayseg.lease import LeaseLost
+
+        raise LeaseLost(f"run {run_id} holds lease generation {generation}, but the table has commits of generation {holder}")
+    now_ms = int(time.time() * 1000)
+    actions = adds + [RemoveAction(path=r, data_change=True, deletion_timestamp=now_ms) for r in removes]
+    props = CommitProperties(custom_metadata={PART_KEY: part_name, "rayseg.run_id": run_id},
+                             app_transactions=[Transaction(APP_ID, generation)])
+    dt.create_write_transaction(actions, "append", NIGHTLY_SCHEMA, commit_properties=props)
+    dt.update_incremental()
+    for r in part_rows:
+        state.records[r["shard_url"]] = r
+    state.version = dt.version()
+    return state.version
+
+
+def vacuum(state: State) -> int:
+    """Delete files replaced more than VACUUM_HOURS ago and files of waves that never committed; returns how many."""
+    if state.table is None:
+        return 0
+    removed = state.table.vacuum(retention_hours=VACUUM_HOURS, enforce_retention_duration=False, dry_run=False, full=True)
+    return len(removed)
