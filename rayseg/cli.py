@@ -1,7 +1,8 @@
 """The `rayseg` command. Argument parsing only: each subcommand lives in its module as `register(subparsers)`.
 
 A module's `register` adds its parser and sets `func(args) -> int`. UserError becomes one line and exit 2,
-EnvError one line and exit 1.
+EnvError one line and exit 1. In a terminal, the commands that run on Ray get the rayseg console
+(runtime.Console: Ray's own lines go to a log file whose path is printed at the end); `--verbose` turns it off.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from rayseg.errors import EnvError, UserError
@@ -16,6 +18,7 @@ from rayseg.errors import EnvError, UserError
 # command -> the module that registers it, in --help order
 COMMANDS = {"segment": "segment", "synth": "synth", "train": "train", "evaluate": "evaluate", "demo": "demo",
             "nightly": "nightly", "report": "report", "bench": "bench"}
+RAY_COMMANDS = {"segment", "train", "evaluate", "demo", "nightly", "bench"}  # the ones that start or join Ray
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -37,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = None
     try:
+        if args.command in RAY_COMMANDS:
+            from rayseg.runtime import start_console
+
+            console = start_console(args.command, _verbose(args))
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"rayseg {args.command}: error: {e}", file=sys.stderr)
@@ -48,6 +56,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rayseg {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if console is not None:
+            console.close()
+            if os.path.getsize(console.path):
+                print(f"Ray's own log lines: {console.path}", file=sys.stderr)
+
+
+def _verbose(args) -> bool:
+    """--verbose, from the command line or from the --config file (the same option either way)."""
+    if hasattr(args, "verbose"):
+        return bool(args.verbose)
+    if getattr(args, "config", None):
+        from rayseg.cliutil import load_yaml_config
+
+        return bool(load_yaml_config(args.config).get("verbose"))
+    return False
 
 
 if __name__ == "__main__":

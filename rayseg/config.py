@@ -92,6 +92,7 @@ OPTIONS: dict[str, Option] = {
     # cluster
     "address": Option(str | None, None, "Ray cluster address (default: RAY_ADDRESS, else start Ray embedded)"),
     "quiet": Option(bool, False, "no progress output"),
+    "verbose": Option(bool, False, "show Ray's own log lines on the console"),
     # pool
     "actors": Option(str, "", "predictor actor pool size MIN:MAX (default: one per GPU, else one per --threads CPUs)", _actors),
     "threads": Option(int | None, None, "torch threads per CPU predictor actor (default: 1, or the CPUs / --actors)", _at_least(1)),
@@ -182,7 +183,7 @@ OPTIONS: dict[str, Option] = {
 }
 
 STORAGE = ("storage_options",)
-CLUSTER = ("address", "quiet")
+CLUSTER = ("address", "quiet", "verbose")
 POOL = ("actors", "threads")
 MODEL = ("model", "num_classes", "weights", "checkpoint", "input_size")
 READ = ("h5_key", "image_column", "max_pixels")
@@ -303,7 +304,7 @@ BenchConfig = compose("BenchConfig", MODEL, ("input", "count", "small_count", "i
                       defaults={"batch_size": 16}, check=_check_bench,
                       doc="`rayseg bench`: model-only, naive loop and pipeline on one archive.")
 
-DemoConfig = compose("DemoConfig", ("workdir", "address"), defaults={"workdir": "rayseg-demo"},
+DemoConfig = compose("DemoConfig", ("workdir", "address", "verbose"), defaults={"workdir": "rayseg-demo"},
                      doc="`rayseg demo`: where to put everything, and which Ray to use.")
 
 

@@ -1,11 +1,12 @@
-"""Progress of a segment run when nobody watches a terminal: one log line at a steady interval.
+"""Progress of a segment run: one line, redrawn in a terminal, logged at a steady interval in a job.
 
-In a terminal, Ray Data's own progress bars do the job (the pipeline turns them on when stderr is a TTY).
-In a submitted job there is no TTY and bars would flood the log, so instead a tiny named actor counts what
-the read and encode stages have finished, and a driver thread logs a line every RAYSEG_PROGRESS_INTERVAL
-seconds (default 10):
+A tiny named actor counts what the read and encode stages have finished, and a driver thread reports it:
 
     progress: 1,200 images done (3 errors), 41.5 images/s, shards 12/40 read, ETA 3m05s
+
+In a terminal with the rayseg console (runtime.Console) the line is redrawn in place twice a second. In a
+submitted job there is no TTY, and a line is logged every RAYSEG_PROGRESS_INTERVAL seconds (default 10).
+With --verbose in a terminal, Ray Data's own progress bars are left to do the job, as Ray shows them.
 
 The number of images is not known upfront (tar, HDF5 and Parquet shards are only counted by reading them),
 so the total is estimated from the images read per shard so far; until a shard has been read: "ETA unknown".
@@ -29,6 +30,7 @@ from rayseg.stats import encode_batch
 log = logging.getLogger("rayseg")
 
 DEFAULT_INTERVAL_S = 10.0
+LIVE_INTERVAL_S = 0.5  # a redrawn line: often enough to look alive, rarely enough to cost nothing
 
 
 def interval_s() -> float:
@@ -93,11 +95,18 @@ def line(t: dict, units_total: int, elapsed: float) -> str:
 
 
 class Reporter:
-    """Context manager for one run: creates the counter, logs from a daemon thread, logs a final line on exit."""
+    """Context manager for one run: creates the counter, reports from a daemon thread, reports a final line on exit.
 
-    def __init__(self, units_total: int, interval: float | None = None):
+    `live`: redraw one line on the console's terminal instead of logging lines (default: when the console is on).
+    """
+
+    def __init__(self, units_total: int, interval: float | None = None, live: bool | None = None):
+        from rayseg.runtime import console
+
+        self.console = console() if live is None or live else None
+        self.live = self.console is not None
         self.units_total = units_total
-        self.interval = interval if interval is not None else interval_s()
+        self.interval = interval if interval is not None else LIVE_INTERVAL_S if self.live else interval_s()
         self.counter = Counter.options(name=f"rayseg-progress-{uuid.uuid4().hex[:12]}").remote()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rayseg-progress", daemon=True)
@@ -109,7 +118,11 @@ class Reporter:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                log.info(line(self.totals(), self.units_total, time.perf_counter() - self.t0))
+                text = line(self.totals(), self.units_total, time.perf_counter() - self.t0)
+                if self.live:
+                    self.console.write(text)
+                else:
+                    log.info(text)
             except Exception as e:  # noqa: BLE001 - a missed progress line must never fail the run
                 log.debug("progress poll failed: %s", e)
 
@@ -125,6 +138,8 @@ class Reporter:
             time.sleep(0.05)
             t = self.totals()
         elapsed = time.perf_counter() - self.t0
+        self._stop.set()  # no redraw after the final line
+        self._thread.join(timeout=5)
         log.info("progress: finished, %s images (%s errors) in %s, %.1f images/s", f"{t['done']:,}", f"{t['errors']:,}",
                  format_duration(elapsed), t["done"] / elapsed if elapsed > 0 else 0.0)
 
@@ -135,7 +150,9 @@ class Reporter:
 
 
 def wants_log_lines(quiet: bool) -> bool:
-    """Log lines only where bars can't be seen: not --quiet, and stderr is not a terminal."""
+    """A Reporter wherever Ray Data's bars aren't shown: not --quiet, and stderr is no terminal or the console is on."""
     import sys
 
-    return not quiet and not sys.stderr.isatty()
+    from rayseg.runtime import console
+
+    return not quiet and (not sys.stderr.isatty() or console() is not None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -24,6 +25,13 @@ def test_reduced_demo_runs_end_to_end_and_prints_paths(ray_local, tmp_path):
     assert r["segmented_images"] == 4 and r["test_images"] == 4
     assert json.loads(open(r["evaluation"]).read())["miou"] == r["test_miou"]
     assert f"{r['test_miou']:.4f}" in text and "mIoU" in text
+    # the report of the held-out segmentation comes first, as a URL a terminal can open
+    assert text.splitlines()[0].split() == ["report", r["report_url"]]
+    assert r["report_url"] == "file://" + r["report"] and r["report"] == str(workdir / "report.html")
+    page = open(r["report"], encoding="utf-8").read()
+    images = re.findall(r'<img[^>]* src="data:image/(?:png|jpeg);base64,[A-Za-z0-9+/=]{100,}"', page)
+    assert len(images) >= 4, "overlays of the segmented images, embedded"
+    assert "<th>Images (rows)</th><td>4</td>" in page
 
 
 def test_demo_refuses_a_workdir_it_did_not_make(tmp_path):
