@@ -5,7 +5,8 @@ overrides it, with a warning):
 
     auto                 8-bit images as always (value / 255); deeper ones (16-bit, signed, float): percentile 1 99.8
     percentile[:LO:HI]   per image and channel, the LO-th..HI-th percentiles map to 0..1, clipped (csbdeep's and
-                         stardist's 1 and 99.8 by default; cellpose uses 1 and 99)
+                         stardist's 1 and 99.8 by default; cellpose uses 1 and 99); outliers such as hot pixels
+                         do not move the window while they are fewer than 100 - HI percent of the image
     dataset              nnU-Net's CT scheme: clip each channel to the training set's 0.5..99.5 percentiles, then
                          z-score with the training set's mean and std, all measured over the labelled foreground
                          pixels of the training set by `rayseg train` (a distributed pass, `measure`)
@@ -360,7 +361,7 @@ def model_channels(channels: dict[int, int], wanted: int | None) -> int:
             raise UserError(f"--in-channels {wanted}, but training images have {', '.join(map(str, bad))} channel(s)")
         return wanted
     if len(seen) == 1:
-        return 3 if seen[0] == 4 else seen[0]
+        return seen[0]  # 4 included: an RGBA file's alpha is dropped at decode, so 4 channels here are 4 bands
     if set(seen) <= {1, 3, 4}:
         return 3
     raise UserError(f"training images have different channel counts ({', '.join(f'{n} with {c}' for c, n in sorted(channels.items()))}); "
