@@ -308,9 +308,8 @@ def build_datasets(cfg: TrainConfig) -> TrainData:
         # not an error: an autoscaling cluster grows to fit; a fixed one will wait here for ever
         log.warning("train: %d worker(s) need %d CPU%s, the cluster has %g CPU and %g GPU now; waiting for the cluster to grow",
                     cfg.workers, cfg.workers, f" and {cfg.workers} GPU" if cfg.use_gpu else "", cpus, gpus)
-    kw = {"units": train_units, "mask_mode": cfg.mask_mode}
-    train_ds, _ = read_labelled(cfg.data, cfg.num_classes, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels, **kw)
-    val_ds, _ = read_labelled(cfg.val_data, cfg.num_classes, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels, **{**kw, "units": val_units})
+    train_ds, val_ds = (read_labelled(d, cfg.num_classes, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels, units=u, mask_mode=cfg.mask_mode)[0]
+                        for d, u in ((cfg.data, train_units), (cfg.val_data, val_units)))
     train_ds, n_train, train_bad = split_errors(train_ds, "train data")
     val_ds, n_val, val_bad = split_errors(val_ds, "validation data")
     if n_train < cfg.workers:
