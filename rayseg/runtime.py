@@ -272,6 +272,7 @@ class Console:
 
     def ray_started(self) -> None:
         """After ray.init: its loggers are set up, and its workers' output (log_to_driver) goes to the file."""
+        import ray.data  # noqa: F401 - Ray Data sets up its loggers on import: now, so that they are routed too
         from ray._private import worker as ray_worker
 
         self.route_ray_loggers()
