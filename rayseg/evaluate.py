@@ -41,13 +41,11 @@ def confusion_batch(batch: dict[str, np.ndarray], num_classes: int) -> dict[str,
 
 def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
     """Run `rayseg evaluate`; returns the results (also written to --json when given)."""
-    import ray
-
     from rayseg import runtime
     from rayseg.labelled import find_pairs, read_labelled
     from rayseg.models import load_bundle
     from rayseg.predict import Predictor, device_error_of
-    from rayseg.segment import DeviceLog, DeviceReport, devices_of
+    from rayseg.devices import DeviceLog
 
     cfg = config if config is not None else config_from(EvalConfig, kwargs)
     started, t0, so = layout.now(), time.perf_counter(), cfg.storage_options
@@ -59,11 +57,11 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
 
     pool, resources, threads = runtime.actor_plan(cfg)
     opts = dataclasses.replace(PredictConfig.of(cfg), device="cuda" if "num_gpus" in resources else "cpu")  # where the plan put it
-    device_log = DeviceLog.remote()
+    device_log = DeviceLog()
     ds, _ = read_labelled(cfg.data, k, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels, cfg.batch_size, units=units,
                           stage_cpus=(runtime.READ_CPUS, runtime.DECODE_CPUS), mask_mode=cfg.mask_mode)  # fractions: whole CPUs would wait for the actors
     ds = ds.map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_args=(bundle, opts),
-                        fn_constructor_kwargs={"threads": threads, "report": DeviceReport(device_log)}, compute=runtime.actor_pool(pool), **resources)
+                        fn_constructor_kwargs={"threads": threads, "report": device_log}, compute=runtime.actor_pool(pool), **resources)
     ds = ds.map_batches(confusion_batch, batch_size=cfg.batch_size, fn_kwargs={"num_classes": k}, num_cpus=runtime.ENCODE_CPUS)
 
     cm, pairs, bad = ConfusionMatrix(k, ignore_index=None), 0, []
@@ -72,14 +70,14 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
             cm.merge(np.asarray(row["matrix"]).reshape(k, k))
             pairs += int(row["pairs"])
             bad += json.loads(row["bad"])
-        devices = devices_of(device_log)
+        devices = device_log.devices()
     except Exception as e:  # a GPU actor that cannot start CUDA reaches here wrapped by Ray: say why in one sentence
         env = device_error_of(e)
         if env is None:
             raise
         raise env from None
     finally:
-        ray.kill(device_log)
+        device_log.clear()
     for image_id, error in bad:
         log.warning("evaluate: skipping %s: %s", image_id, error)
     if bad:

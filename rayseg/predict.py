@@ -1,9 +1,10 @@
 """The predictor: one model per actor, uint8 batches in, masks and confidences out.
 
 Everything after the host->device copy happens on the device: normalisation, resizing to the model input,
-the forward pass (bf16 autocast on GPU), resizing logits back to each image's size, softmax, argmax.
-Images much larger than the model input are segmented at full resolution by a sliding window (rayseg.tiling),
-so memory is bounded by the tile, not the image.
+the forward pass (bf16 autocast on GPU), resizing logits back to each image's size, softmax, argmax, at most
+`batch_size` images at a time. Images much larger than the model input are segmented at full resolution by a
+sliding window (rayseg.tiling) whose logits come back in bands of rows, so device memory is bounded by the tile
+batch, not the image, and the full-size result is a uint8 mask on the host.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import re
 import socket
 import subprocess
+import threading
 from typing import Callable
 
 import numpy as np
@@ -23,7 +25,7 @@ from rayseg.decode import errors_of
 from rayseg.errors import EnvError
 from rayseg.intensity import Inputs
 from rayseg.models import ModelBundle, for_inference
-from rayseg.tiling import sliding_window
+from rayseg.tiling import blended_bands, sliding_window
 
 log = logging.getLogger("rayseg")
 
@@ -134,12 +136,72 @@ def mask_and_confidence(lg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask.to(torch.uint8), conf
 
 
-def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """HWC or NHWC uint8 -> float NCHW on the device (channels_last in memory), in one host->device copy."""
-    t = torch.from_numpy(images)
-    if device.type == "cuda":
-        t = t.pin_memory().to(device, non_blocking=True)
-    return (t if t.dim() == 4 else t[None]).permute(0, 3, 1, 2).float()
+class HostFeed:
+    """Host batches onto the device, any dtype and channel count (NHWC or HWC arrays or tensors, or a list of HWC
+    arrays of one shape), as NHWC tensors there.
+
+    On CUDA: one host copy, into one of two reusable pinned buffers (a fresh pinned tensor per batch costs a
+    cudaHostAlloc each time), then an asynchronous copy on a stream of its own, so the next batch's copy runs
+    while the current one computes (`prefetch`). On CPU the batch is used where it is: no copy but np.stack.
+    """
+
+    SLOTS = 2  # the batch being computed and the next one being copied
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.buffers: list[torch.Tensor | None] = [None] * self.SLOTS
+        self.copied: list[torch.cuda.Event | None] = [None] * self.SLOTS
+        self.turn = 0
+        self.ahead: tuple[list, torch.Tensor] | None = None  # (the images, their tensor on the device) of a prefetch
+
+    def __call__(self, images) -> torch.Tensor:
+        if self.ahead is not None:
+            key, t = self.ahead
+            self.ahead = None
+            if _same(key, images):
+                return t
+        if not self.cuda:
+            return torch.from_numpy(np.stack(images)) if isinstance(images, list) else torch.as_tensor(images)
+        first = images[0] if isinstance(images, list) else images
+        dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype if isinstance(first, np.ndarray) else first.dtype
+        shape = (len(images), *first.shape) if isinstance(images, list) else tuple(images.shape)
+        slot, self.turn = self.turn, (self.turn + 1) % self.SLOTS
+        host = self._pinned(slot, dtype, shape)
+        if isinstance(images, list):
+            for i, im in enumerate(images):
+                host[i].copy_(torch.from_numpy(im))
+        else:
+            host.copy_(torch.as_tensor(images))
+        with torch.cuda.stream(self.stream):
+            t = host.to(self.device, non_blocking=True)
+            self.copied[slot] = torch.cuda.Event()
+            self.copied[slot].record(self.stream)
+        main = torch.cuda.current_stream(self.device)
+        main.wait_stream(self.stream)
+        t.record_stream(main)  # made on the copy stream, used on the main one: the allocator must know
+        return t
+
+    def prefetch(self, images) -> None:
+        """Start copying `images` now; the next call with the same images gets the tensor without waiting."""
+        if self.cuda and len(images):
+            self.ahead = (images, self(images))
+
+    def _pinned(self, slot: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()  # the copy that last read this buffer has finished
+        nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        buf = self.buffers[slot]
+        if buf is None or buf.numel() < nbytes:
+            buf = self.buffers[slot] = torch.empty(max(nbytes, 2 * (0 if buf is None else buf.numel())), dtype=torch.uint8, pin_memory=True)
+        return buf[:nbytes].view(dtype).view(shape)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    return a is b
 
 
 class Predictor:
@@ -147,16 +209,24 @@ class Predictor:
 
     `opts` has the predict options (rayseg.config.PredictConfig): device, precision, batch_size, tile, overlap,
     tta, compile. `threads` sets torch's intra-op threads on CPU; `confidence_map` keeps the per-pixel
-    confidence (for the objects table).
+    confidence (for the objects table); `report(key, info)` is told what the predictor runs with (device_info).
+
+    Device memory is bounded by the batch size: every path (stack, resize, tile) runs and post-processes at most
+    `batch_size` images or tiles at a time. An out-of-memory error halves the batch size and retries; an image
+    that does not fit even alone becomes an error row, and the batch goes on.
     """
 
     def __init__(self, bundle: ModelBundle, opts, *, threads: int | None = None, confidence_map: bool = False,
                  report: Callable[[str, dict], None] | None = None):
         if threads:
             torch.set_num_threads(threads)
+        # before CUDA starts: grown segments instead of fixed blocks, so mixed image sizes fragment less
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         self.opts = opts
         self.confidence_map = confidence_map
         self.device = resolve_device(opts.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # inputs come in few shapes (the model size, the tile): tune once per shape
         self.amp = autocast_dtype(self.device, opts.precision)
         self.card = bundle.card
         self.inputs = Inputs(bundle.card, getattr(opts, "intensity", ""))  # dtype, channels and normalisation, per the card
@@ -165,6 +235,9 @@ class Predictor:
         self.mean, self.std = bundle.card.pixel_mean_std(self.device)
         self.label = bundle.label
         self.report = report
+        self.feed = HostFeed(self.device)
+        self.lock = threading.Lock()  # calls may come concurrently (a GPU actor's threads): one uses the device at a time
+        self._upcoming: list = []  # the chunk after the one computing: its copy to the device may start early
         self.batch_size = opts.batch_size or (self.probe_batch_size() if self.device.type == "cuda" else CPU_BATCH_SIZE)
         self._report()
 
@@ -198,7 +271,13 @@ class Predictor:
         log.info("predictor on %s: batch size %d (%.0f MiB per %dx%d image, %.0f MiB free)", self.device, n, per_image / 2**20, s, s, free / 2**20)
         return n
 
-    # -- tensors in, logits out -------------------------------------------------------------
+    # -- host in, logits out ----------------------------------------------------------------
+    def model_input(self, images) -> torch.Tensor:
+        """Host images (NHWC or HWC, any dtype and channel count; a list of HWC of one shape) -> float NCHW on the
+        device (channels_last in memory). The one way from the host to the model: one copy, then the device."""
+        t = self.feed(images)
+        return (t if t.dim() == 4 else t[None]).permute(0, 3, 1, 2).float()
+
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: float NCHW in 0..255 at any size -> logits NKHW (float32), with test-time augmentation if asked."""
@@ -214,7 +293,7 @@ class Predictor:
         for chunk in x.split(batch_size or self.batch_size):
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 outs.append(self.model(chunk).float())
-        return torch.cat(outs)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def needs_tiling(self, h: int, w: int) -> bool:
         if self.opts.tile:
@@ -227,7 +306,7 @@ class Predictor:
         s = self.size
         xs = []
         for img in imgs:
-            x = to_device(img, self.device)
+            x = self.model_input(img)
             xs.append(x if x.shape[-2:] == (s, s) else F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False))
         out = self.logits(torch.cat(xs))
         res = []
@@ -237,10 +316,15 @@ class Predictor:
             res.append((lg if (h, w) == (s, s) else F.interpolate(lg, size=(h, w), mode="bilinear", align_corners=False))[0])
         return res
 
+    def _tiles(self, img: np.ndarray) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The image as a CHW view on the host, and the forward pass of a batch of its tiles: only tiles go to the device."""
+        return torch.from_numpy(img).permute(2, 0, 1), lambda tiles: self.logits(self.model_input(tiles.permute(0, 2, 3, 1)))
+
     @torch.inference_mode()
     def tiled_logits(self, img: np.ndarray) -> torch.Tensor:
-        """Sliding window at full resolution over one image."""
-        return sliding_window(to_device(img, self.device), self.opts.tile or self.size, self.opts.overlap, self.logits, self.batch_size)
+        """Sliding window at full resolution over one image: all its logits at once (the predictor itself takes bands)."""
+        x, forward = self._tiles(img)
+        return sliding_window(x, self.opts.tile or self.size, self.opts.overlap, forward, self.batch_size)
 
     # -- the three ways through: each gives masks and confidences per image ----------------------
     def groups(self, images: np.ndarray, errors: list[str | None]) -> tuple[list[int], list[int], list[int]]:
@@ -258,16 +342,31 @@ class Predictor:
 
     @torch.inference_mode()
     def stacked(self, imgs: list[np.ndarray]) -> list[Segmented]:
-        """The common case, images at the model's size: one stack in, masks and confidences out in one copy each."""
-        mask, conf = mask_and_confidence(self.logits(to_device(np.stack(imgs), self.device)))
+        """Images at the model's size: one stack in, masks and confidences out in one copy each."""
+        mask, conf = mask_and_confidence(self.logits(self.model_input(imgs)))
+        self._prefetch()  # the next chunk's copy to the device runs while this one computes
         masks, means, confmaps = mask.cpu().numpy(), conf.mean(dim=(1, 2)).cpu().numpy(), self._confidence_map(conf)
         return [(masks[j], means[j], None if confmaps is None else confmaps[j]) for j in range(len(imgs))]
 
     def resized(self, imgs: list[np.ndarray]) -> list[Segmented]:
         return [self._segmented(lg) for lg in self.resized_logits(imgs)]
 
+    @torch.inference_mode()
     def tiled(self, img: np.ndarray) -> Segmented:
-        return self._segmented(self.tiled_logits(img))
+        """Sliding window, band by band: the full-size result lives on the host as a uint8 mask (and uint8
+        confidence map), never as K float32 logits per pixel."""
+        h, w = img.shape[:2]
+        mask = np.empty((h, w), np.uint8)
+        confmap = np.empty((h, w), np.uint8) if self.confidence_map else None
+        total = 0.0
+        x, forward = self._tiles(img)
+        for y0, y1, lg in blended_bands(x, self.opts.tile or self.size, self.opts.overlap, forward, self.batch_size):
+            m, c = mask_and_confidence(lg)
+            mask[y0:y1] = m.cpu().numpy()
+            total += c.sum(dtype=torch.float64).item()
+            if confmap is not None:
+                confmap[y0:y1] = self._confidence_map(c)
+        return mask, total / (h * w), confmap
 
     def _segmented(self, lg: torch.Tensor) -> Segmented:
         with torch.inference_mode():
@@ -277,18 +376,77 @@ class Predictor:
     def _confidence_map(self, conf: torch.Tensor) -> np.ndarray | None:
         return (conf * 255).round().to(torch.uint8).cpu().numpy() if self.confidence_map else None
 
+    # -- bounded by the batch size, surviving out-of-memory errors ---------------------------------
+    def in_chunks(self, step: Callable[[list], list], items: list, ids: list) -> list[Segmented | str]:
+        """`step` over `items` in chunks of at most batch_size: a Segmented per item, or the error sentence of one
+        that does not fit in device memory even alone. Out of memory, the batch size halves for good and the
+        chunk is tried again."""
+        out: list[Segmented | str] = []
+        i = 0
+        while i < len(items):
+            n = min(self.batch_size, len(items) - i)
+            self._upcoming = items[i + n : i + 2 * n]
+            try:
+                out += step(items[i : i + n])
+                i += n
+                continue
+            except torch.OutOfMemoryError:
+                pass  # freed outside the handler, where the failed step's tensors are no longer referenced
+            self._upcoming = []
+            self._free()
+            if n > 1:
+                self.batch_size = max(1, n // 2)
+                log.warning("predictor: out of device memory at %d images (or tiles) a batch; batch size now %d", n, self.batch_size)
+                self._report()
+                continue
+            h, w = items[i].shape[:2]
+            log.warning("predictor: %s (%dx%d) does not fit in device memory even alone; written as an error row", ids[i], h, w)
+            out.append(f"out of device memory: this {h}x{w} image does not fit on {self.device} even alone")
+            i += 1
+        return out
+
+    def _tiled_one(self, imgs: list[np.ndarray]) -> list[Segmented]:
+        """One image through the sliding window; its tiles go batch_size at a time, so a retry after an
+        out-of-memory error runs smaller tile batches."""
+        (img,) = imgs
+        while True:
+            try:
+                return [self.tiled(img)]
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+            self._free()
+            self.batch_size //= 2
+            log.warning("predictor: out of device memory on a tiled image; batch size now %d", self.batch_size)
+            self._report()
+
+    def _prefetch(self) -> None:
+        if self.feed.cuda and self._upcoming:
+            self.feed.prefetch(self._upcoming)
+
+    def _free(self) -> None:
+        self.feed.ahead = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     # -- the Ray Data stage -----------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, errors = batch["image"], errors_of(batch)
         images, errors = self.inputs(images, batch.get("dtype"), errors)  # uint8 stays uint8 (fast path); deeper: float32
+        ids = list(batch["image_id"]) if "image_id" in batch else list(range(len(images)))
         stack, resize, tile = self.groups(images, errors)
-        results: dict[int, Segmented] = {}
-        if stack:
-            results.update(zip(stack, self.stacked([images[i] for i in stack])))
-        if resize:
-            results.update(zip(resize, self.resized([images[i] for i in resize])))
-        for i in tile:  # one image at a time: its full-size logits are the largest tensor the predictor holds
-            results[i] = self.tiled(images[i])
+        results: dict[int, Segmented | str] = {}
+        with self.lock:
+            if stack:
+                results.update(zip(stack, self.in_chunks(self.stacked, [images[i] for i in stack], [ids[i] for i in stack])))
+            if resize:
+                results.update(zip(resize, self.in_chunks(self.resized, [images[i] for i in resize], [ids[i] for i in resize])))
+            for i in tile:  # one image at a time, its tiles batch_size at a time
+                results.update(zip([i], self.in_chunks(self._tiled_one, [images[i]], [ids[i]])))
+        for i, r in list(results.items()):
+            if isinstance(r, str):
+                errors[i] = r
+                del results[i]
         return assemble(batch, errors, results, self.label, self.confidence_map)
 
 

@@ -19,6 +19,7 @@ from rayseg import layout, progress, runtime, storage
 from rayseg.cliutil import add_command, config_from, print_summary
 from rayseg.config import PredictConfig, SegmentConfig, public_config
 from rayseg.decode import decode_batch
+from rayseg.devices import DeviceLog
 from rayseg.errors import UserError
 from rayseg.models import ModelBundle, load_bundle
 from rayseg.objects import write_objects
@@ -36,39 +37,6 @@ def work_units(shards: list[storage.Shard]) -> list[dict]:
             units.append({"kind": s.kind, "urls": [s.url]})
     units += [{"kind": "image", "urls": files[i : i + FILES_PER_UNIT]} for i in range(0, len(files), FILES_PER_UNIT)]
     return units
-
-
-@ray.remote(num_cpus=0)
-class DeviceLog:
-    """What each predictor actor runs with (device, versions, precision, batch size), for the summary."""
-
-    def __init__(self):
-        self.seen: dict[str, dict] = {}
-
-    def add(self, key: str, info: dict) -> None:
-        self.seen[key] = info
-
-    def get(self) -> list[dict]:
-        return list(self.seen.values())
-
-
-class DeviceReport:
-    """The predictor's `report` callable: tells a DeviceLog, and waits so nothing is lost when the run ends."""
-
-    def __init__(self, log):
-        self.log = log
-
-    def __call__(self, key: str, info: dict) -> None:
-        ray.get(self.log.add.remote(key, info))
-
-
-def devices_of(log) -> list[dict]:
-    """The distinct setups the predictor actors reported, each with how many actors ran it."""
-    groups: dict[str, dict] = {}
-    for info in ray.get(log.get.remote()):
-        key = repr(sorted(info.items()))
-        groups.setdefault(key, {**info, "actors": 0})["actors"] += 1
-    return list(groups.values())
 
 
 class Segmenter:
@@ -94,13 +62,12 @@ def build_plan(cfg: SegmentConfig, units: list[dict], bundle: ModelBundle, count
     GPU: read (tasks) -> decode (tasks) -> predict (one actor per GPU) -> encode (tasks).
     CPU: read (tasks) -> decode + predict + encode (one actor per core, `Segmenter`).
     With --objects the rows carry an extra `objects` column; `counter` (a progress.Counter) gets what the
-    read and encode stages finish; `devices` (a DeviceLog) what each predictor actor runs with.
+    read and encode stages finish; `devices` (a rayseg.devices.DeviceLog) what each predictor actor runs with.
     The predictor runs where the plan put it: on GPU actors CUDA or an EnvError, never a quiet fall back to CPU.
     """
     pool, resources, threads = runtime.actor_plan(cfg)
     on_gpu = "num_gpus" in resources
     opts = dataclasses.replace(PredictConfig.of(cfg), device="cuda" if on_gpu else "cpu")
-    report = DeviceReport(devices) if devices is not None else None
     # rows per call of each stage; with an automatic batch size a GPU actor gets the most it may choose and splits it
     rows = cfg.batch_size or (MAX_AUTO_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
     ds = ray.data.from_items(units, override_num_blocks=len(units))
@@ -109,11 +76,11 @@ def build_plan(cfg: SegmentConfig, units: list[dict], bundle: ModelBundle, count
     encode_kw = {"num_classes": bundle.card.num_classes, "mask_format": cfg.mask_format, "objects": cfg.objects,
                  "min_area": cfg.min_area, "counter": counter}
     if not on_gpu:
-        return ds.map_batches(Segmenter, batch_size=rows, fn_constructor_args=(bundle, opts, threads, cfg.objects, cfg.max_pixels, encode_kw, report),
+        return ds.map_batches(Segmenter, batch_size=rows, fn_constructor_args=(bundle, opts, threads, cfg.objects, cfg.max_pixels, encode_kw, devices),
                               compute=runtime.actor_pool(pool), **resources)
     ds = ds.map_batches(decode_batch, batch_size=rows, fn_kwargs={"max_pixels": cfg.max_pixels}, num_cpus=runtime.DECODE_CPUS)
     ds = ds.map_batches(Predictor, batch_size=rows, fn_constructor_args=(bundle, opts),
-                        fn_constructor_kwargs={"threads": threads, "confidence_map": cfg.objects, "report": report}, compute=runtime.actor_pool(pool), **resources)
+                        fn_constructor_kwargs={"threads": threads, "confidence_map": cfg.objects, "report": devices}, compute=runtime.actor_pool(pool), **resources)
     return ds.map_batches(progress.encode_stage, batch_size=rows, fn_kwargs=encode_kw, num_cpus=runtime.ENCODE_CPUS)
 
 
@@ -151,18 +118,18 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
     pa_fs, images_path = storage.pyarrow_filesystem(images_url, so)
     reporter = progress.Reporter(len(units)) if progress.wants_log_lines(cfg.quiet) else None
     with reporter or contextlib.nullcontext():
-        device_log = DeviceLog.remote()
+        device_log = DeviceLog()
         plan = build_plan(cfg, units, bundle, reporter and reporter.counter, device_log)
         try:
             plan.write_parquet(images_path, filesystem=pa_fs, ray_remote_args=runtime.WRITE_ARGS)
-            devices = devices_of(device_log)
+            devices = device_log.devices()
         except Exception as e:  # a GPU actor that cannot start CUDA reaches here wrapped by Ray: say why in one sentence
             env = device_error_of(e)
             if env is None:
                 raise
             raise env from None
         finally:
-            ray.kill(device_log)
+            device_log.clear()
         rows, errors, examples = storage.retry(count_output, images_url, so, what="reading the output back")
         if reporter:
             reporter.finish(rows)

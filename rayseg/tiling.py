@@ -1,11 +1,13 @@
 """Sliding-window inference: an image much larger than the model input is segmented at full resolution, tile by
-tile, and the tiles' logits are blended with Gaussian weights (as nnU-Net does), so memory is bounded by the tile,
-not the image. The forward pass is any callable, so the window does not depend on the predictor.
+tile, and the tiles' logits are blended with Gaussian weights (as nnU-Net does). Blended logits come out in bands of
+rows, top to bottom, as soon as no later tile touches them, so the logits held at once span one batch of tiles'
+rows plus a tile, never the whole image. The forward pass is any callable, so the window does not depend on the
+predictor, and the image may stay on the host while `forward` runs on the device.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -35,23 +37,52 @@ def gaussian_weight(h: int, w: int, device: torch.device) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def sliding_window(image: torch.Tensor, tile: int, overlap: float, forward: Callable[[torch.Tensor], torch.Tensor],
-                   batch_size: int) -> torch.Tensor:
-    """Logits (K, H, W) of `image` (C, H, W or 1, C, H, W) from `forward` (NCHW -> NKHW) run on tiles of side `tile`
-    (cut to the image where it is smaller), `batch_size` tiles per call, blended with Gaussian weights."""
+def blended_bands(image: torch.Tensor, tile: int, overlap: float, forward: Callable[[torch.Tensor], torch.Tensor],
+                  batch_size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(y0, y1, blended logits (K, y1 - y0, W)) of `image` (C, H, W or 1, C, H, W), band after band down the image.
+
+    `forward` (NCHW -> NKHW) runs on `batch_size` tiles of side `tile` (cut to the image where it is smaller) at a
+    time, in row-major order; the accumulator covers only the rows from the first one not yet final to the bottom
+    of the last tile run. Each pixel sums the same tiles in the same order as one full-image accumulator would,
+    so the bands are exactly its rows."""
     x = image if image.dim() == 4 else image[None]
     h, w = x.shape[-2:]
     th, tw = min(tile, h), min(tile, w)
-    wgt = gaussian_weight(th, tw, x.device)
     boxes = [(y, xx) for y in tile_starts(h, th, overlap) for xx in tile_starts(w, tw, overlap)]
-    acc = norm = None
+    wgt = acc = norm = None
+    top, rows = 0, 0  # acc[:, :rows] and norm[:, :rows] hold image rows [top, top + rows)
     for i in range(0, len(boxes), batch_size):
         part = boxes[i : i + batch_size]
         out = forward(torch.cat([x[:, :, y : y + th, xx : xx + tw] for y, xx in part]))
-        if acc is None:  # the class count is known once the model has answered
-            acc = torch.zeros((out.shape[1], h, w), device=x.device)
-            norm = torch.zeros((1, h, w), device=x.device)
+        if wgt is None:  # the device and the class count are known once the model has answered
+            wgt = gaussian_weight(th, tw, out.device)
+            acc = torch.empty((out.shape[1], 0, w), device=out.device)
+            norm = torch.empty((1, 0, w), device=out.device)
+        need = part[-1][0] + th - top
+        if need > acc.shape[1]:  # a larger buffer, kept for the rest of the image
+            acc = torch.cat([acc[:, :rows], acc.new_empty((acc.shape[0], need - rows, w))], dim=1)
+            norm = torch.cat([norm[:, :rows], norm.new_empty((1, need - rows, w))], dim=1)
+        if need > rows:
+            acc[:, rows:need].zero_()
+            norm[:, rows:need].zero_()
+            rows = need
         for (y, xx), lg in zip(part, out):
-            acc[:, y : y + th, xx : xx + tw] += lg * wgt
-            norm[:, y : y + th, xx : xx + tw] += wgt
-    return acc / norm
+            acc[:, y - top : y - top + th, xx : xx + tw].addcmul_(lg, wgt)
+            norm[:, y - top : y - top + th, xx : xx + tw] += wgt
+        del out
+        done = boxes[i + batch_size][0] if i + batch_size < len(boxes) else h  # no later tile touches rows above this
+        if done > top:
+            n = done - top
+            yield top, done, acc[:, :n] / norm[:, :n]
+            # the rows still open move to the front of the same buffers
+            acc[:, : rows - n] = acc[:, n:rows].clone()
+            norm[:, : rows - n] = norm[:, n:rows].clone()
+            top, rows = done, rows - n
+
+
+def sliding_window(image: torch.Tensor, tile: int, overlap: float, forward: Callable[[torch.Tensor], torch.Tensor],
+                   batch_size: int) -> torch.Tensor:
+    """Logits (K, H, W) of `image` (C, H, W or 1, C, H, W) from `forward` (NCHW -> NKHW) run on tiles of side `tile`
+    (cut to the image where it is smaller), `batch_size` tiles per call, blended with Gaussian weights. The whole
+    image's logits at once: for what needs them all; the predictor takes the bands (blended_bands)."""
+    return torch.cat([band for _, _, band in blended_bands(image, tile, overlap, forward, batch_size)], dim=1)

@@ -4,9 +4,11 @@ through `segment` at full resolution in bounded memory, logging progress lines w
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from conftest import png_bytes
@@ -138,3 +141,65 @@ def test_large_image_segment_bounded_memory_with_progress(ray_local, tmp_path, c
     assert ticks, lines
     assert all(re.search(r"\d+ images done \(\d+ errors\), [\d.]+ images/s, shards \d+/1 read, ETA", m) for m in ticks)
     assert lines[-1].startswith("progress: finished, 4 images (1 errors)")
+
+
+def smooth_image(h: int, w: int) -> np.ndarray:
+    """A large image that compresses like a photo (a PNG of noise this size would be 300 MB)."""
+    return cv2.resize(np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def peaks_during(run) -> tuple[int, int]:
+    """(peak summed RSS of this process tree during `run()` over what it was just before, peak RSS of its largest
+    process): the sum says what the run cost the machine, the largest process what the predictor actor held."""
+    baseline = sum(rss_of_tree().values())
+    meter = PeakRSS()
+    meter.start()
+    try:
+        run()
+    finally:
+        meter.stop.set()
+        meter.join()
+    return meter.total - baseline, meter.largest
+
+
+def segment_cli(folder: Path, out: Path, *flags: str) -> None:
+    """`rayseg segment` in its own process with its own embedded Ray, as a user runs it."""
+    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "rayseg.cli", "segment", str(folder), "--output", str(out), "--quiet", *flags],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_25_megapixel_21_class_image_costs_little_more_memory_than_a_small_one(ray_local, tmp_path):
+    """Bounded memory in the default suite: the tiled result is a uint8 mask on the host and the logits are held
+    a band at a time, so a 5000x5000 image with 21 classes adds far less than its 2.1 GB of full-size logits."""
+    peaks = {}
+    for name, side in (("small", 1000), ("large", 5000)):
+        (tmp_path / name).mkdir()
+        cv2.imwrite(str(tmp_path / name / "img.png"), smooth_image(side, side))
+        peaks[name] = peaks_during(lambda: segment(inputs=(str(tmp_path / name),), output=str(tmp_path / f"out-{name}"),
+                                                   model="pointwise", num_classes=21, quiet=True))
+    (_, small), (growth, large) = peaks["small"], peaks["large"]
+    print(f"largest process: 1 MP {small / 2**20:.0f} MiB, 25 MP {large / 2**20:.0f} MiB; the 25 MP run added {growth / 2**20:.0f} MiB in all")
+    assert large - small < 10 * 5000 * 5000 * 3  # 750 MB; the full-size logits alone were 2.1 GB
+    mask = decode_png(pd.read_parquet(tmp_path / "out-large" / "images")["mask_png"][0])
+    assert mask.shape == (5000, 5000) and mask.max() < 21
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("RAYSEG_SLOW_TESTS"), reason="about 4 minutes on 2 cores; set RAYSEG_SLOW_TESTS=1")
+def test_a_100_megapixel_21_class_image_goes_through_segment_in_bounded_memory(tmp_path):
+    """The case that used to grow an actor past 11 GB until Ray's memory monitor killed it, again and again: now
+    the run's peak exceeds that of the same command on a 1-megapixel image by under 10x the decoded image."""
+    peaks = {}
+    for name, side in (("small", 1000), ("large", 10_000)):
+        (tmp_path / name).mkdir()
+        cv2.imwrite(str(tmp_path / name / "img.png"), smooth_image(side, side))
+        peaks[name] = peaks_during(lambda: segment_cli(tmp_path / name, tmp_path / f"out-{name}", "--num-classes", "21"))
+    (small, small_largest), (large, large_largest) = peaks["small"], peaks["large"]
+    print(f"peak RSS of the run's process tree: 1 MP {small / 2**20:.0f} MiB, 100 MP {large / 2**20:.0f} MiB; "
+          f"largest process {small_largest / 2**20:.0f} and {large_largest / 2**20:.0f} MiB")
+    assert large - small < 10 * 10_000 * 10_000 * 3
+    summary = json.loads((tmp_path / "out-large" / "_rayseg.json").read_text())
+    assert summary["rows"] == 1 and summary["errors"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from rayseg.config import PredictConfig
 from rayseg.decode import EMPTY
@@ -83,3 +84,60 @@ def test_without_confidence_map_there_is_no_confidence_column():
     predictor = Predictor(load_bundle(None, "pointwise", num_classes=K, input_size=SIZE), PredictConfig(device="cpu"), threads=1)
     out = predictor(batch_of(images()))
     assert "confidence" not in out and [m.shape for m in out["mask"]] == [im.shape[:2] for im in images()]
+
+
+def out_of_memory_above(predictor: Predictor, limit: int, never_fits=lambda x: torch.zeros(1, dtype=torch.bool)) -> list[int]:
+    """Make the model raise torch.OutOfMemoryError on more than `limit` images at once, or on an image for which
+    `never_fits` (normalised NCHW -> bool per image) holds; returns the batch sizes it was called with."""
+    model, seen = predictor.model, []
+
+    def forward(x):
+        seen.append(x.shape[0])
+        if x.shape[0] > limit or bool(never_fits(x).any()):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return model(x)
+
+    predictor.model = forward
+    return seen
+
+
+def test_out_of_memory_halves_the_batch_and_the_masks_stay_the_same():
+    bundle = load_bundle(None, "unet", num_classes=K, input_size=SIZE)
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(8)]
+    want = Predictor(bundle, PredictConfig(device="cpu", batch_size=8), threads=1)(batch_of(imgs))
+    reported = []
+    predictor = Predictor(bundle, PredictConfig(device="cpu", batch_size=8), threads=1, report=lambda key, info: reported.append(info["batch_size"]))
+    seen = out_of_memory_above(predictor, 2)
+    got = predictor(batch_of(imgs))
+    assert seen == [8, 4, 2, 2, 2, 2] and predictor.batch_size == 2
+    assert reported == [8, 4, 2]  # the summary records the batch size actually used
+    assert list(got["error"]) == [None] * 8
+    for a, b in zip(want["mask"], got["mask"]):
+        assert np.array_equal(a, b)
+
+
+def test_an_image_that_never_fits_becomes_an_error_row_and_the_rest_succeed():
+    bundle = load_bundle(None, "pointwise", num_classes=K, input_size=SIZE)
+    rng = np.random.default_rng(2)
+    imgs = [rng.integers(0, 128, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(5)]
+    imgs[3] = np.full((SIZE, SIZE, 3), 255, np.uint8)  # the one that "never fits": only it is bright everywhere
+    big = rng.integers(0, 128, (3 * SIZE, 3 * SIZE, 3), dtype=np.uint8)  # tiled, 4 tiles of batch 4 -> 2 -> 1
+    predictor = Predictor(bundle, PredictConfig(device="cpu", batch_size=4), threads=1)
+    want = Predictor(bundle, PredictConfig(device="cpu", batch_size=4), threads=1)(batch_of(imgs + [big]))
+    out_of_memory_above(predictor, 4, never_fits=lambda x: x.flatten(1).amin(1) > 1.5)
+    got = predictor(batch_of(imgs + [big]))
+    assert [e is None for e in got["error"]] == [True, True, True, False, True, True]
+    assert "out of device memory" in got["error"][3] and f"{SIZE}x{SIZE}" in got["error"][3]
+    assert got["mask"][3].shape == (1, 1) and np.isnan(got["mean_confidence"][3])
+    for i in (0, 1, 2, 4, 5):
+        assert np.array_equal(want["mask"][i], got["mask"][i]), i
+    assert predictor.batch_size == 1
+
+
+def test_a_tiled_image_that_never_fits_becomes_an_error_row():
+    predictor = Predictor(load_bundle(None, "pointwise", num_classes=K, input_size=SIZE), PredictConfig(device="cpu", batch_size=4), threads=1)
+    out_of_memory_above(predictor, 0)
+    img = np.zeros((3 * SIZE, 3 * SIZE, 3), np.uint8)
+    got = predictor(batch_of([img]))
+    assert "does not fit" in got["error"][0] and f"{3 * SIZE}x{3 * SIZE}" in got["error"][0]
