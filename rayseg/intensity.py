@@ -260,35 +260,40 @@ class Inputs:
 # ---- the training set's statistics, for `dataset` (and the channel count of every mode) ---------------------
 
 
-def partial_stats(batch: dict[str, np.ndarray], histogram: tuple | None = None) -> dict[str, np.ndarray]:
-    """One batch of training pairs -> one row of sums: channel counts seen, dtypes seen, and per channel over the
-    foreground pixels (target > 0; all pixels of an image without foreground) the count, sum, sum of squares,
-    min and max; with `histogram` = (channels, lo, hi, bins, integer), also the histogram per channel."""
+def partial_stats(batch: dict[str, np.ndarray], sums: bool = False, histogram: tuple | None = None) -> dict[str, np.ndarray]:
+    """One batch of training pairs -> one row: the channel counts and dtypes seen; with `sums`, per channel over the
+    foreground pixels (target > 0; all pixels of an image without foreground) the count, sum, sum of squares, min
+    and max; with `histogram` = (lo, hi, bins, integer), the histogram per channel. Image by image, so memory stays
+    that of one image."""
     shapes: dict[int, int] = {}
     kinds: set[str] = set()
     dtypes = batch.get("dtype")
-    rows = []
+    acc: dict[str, np.ndarray] = {}
     for i, (img, target) in enumerate(zip(batch["image"], batch["target"])):
         img = img if img.ndim == 3 else img[:, :, None]
         if dtypes is not None and img.dtype.name != dtypes[i]:
             img = img.astype(dtypes[i])
-        shapes[img.shape[-1]] = shapes.get(img.shape[-1], 0) + 1
+        c = img.shape[-1]
+        shapes[c] = shapes.get(c, 0) + 1
         kinds.add(img.dtype.name)
+        if not (sums or histogram) or len(shapes) > 1:
+            continue
         fg = np.asarray(target) > 0
-        rows.append(img[fg] if fg.any() else img.reshape(-1, img.shape[-1]))
+        px = (img[fg] if fg.any() else img.reshape(-1, c)).astype(np.float64)
+        if not acc:
+            acc = {"count": np.zeros((), np.int64), "sum": np.zeros(c), "sumsq": np.zeros(c), "min": np.full(c, np.inf), "max": np.full(c, -np.inf)}
+        acc["count"] += len(px)
+        acc["sum"] += px.sum(0)
+        acc["sumsq"] += (px * px).sum(0)
+        acc["min"], acc["max"] = np.minimum(acc["min"], px.min(0, initial=np.inf)), np.maximum(acc["max"], px.max(0, initial=-np.inf))
+        if histogram is not None:
+            lo, hi, bins, integer = histogram
+            idx = (px - lo).astype(np.int64) if integer else np.clip(((px - lo) / max(hi - lo, 1e-30) * bins).astype(np.int64), 0, bins - 1)
+            h = np.stack([np.bincount(idx[:, k], minlength=bins) for k in range(c)])
+            acc["hist"] = acc["hist"] + h if "hist" in acc else h
     out = {"channels": np.array([json.dumps(sorted(shapes.items()))], dtype=object), "dtypes": np.array([json.dumps(sorted(kinds))], dtype=object)}
-    if len(shapes) != 1:
-        return out
-    px = np.concatenate(rows).astype(np.float64) if rows else np.zeros((0, next(iter(shapes))))
-    out.update(count=np.array([len(px)]), sum=px.sum(0)[None], sumsq=(px * px).sum(0)[None],
-               min=(px.min(0) if len(px) else np.full(px.shape[1], np.inf))[None], max=(px.max(0) if len(px) else np.full(px.shape[1], -np.inf))[None])
-    if histogram is not None:
-        _, lo, hi, bins, integer = histogram
-        if integer:
-            idx = (px - lo).astype(np.int64)
-        else:
-            idx = np.clip(((px - lo) / max(hi - lo, 1e-30) * bins).astype(np.int64), 0, bins - 1)
-        out["hist"] = np.stack([np.bincount(idx[:, c], minlength=bins) for c in range(px.shape[1])])[None]
+    if len(shapes) == 1:
+        out.update({k: v[None] for k, v in acc.items()})
     return out
 
 
@@ -332,14 +337,13 @@ def measure(rows_of, spec: Intensity) -> tuple[dict, Intensity]:
     in `rayseg train`, a plain loop in one process; the sums are combined the same way in both. Integer data
     spanning at most EXACT_RANGE values gets exact percentiles (numpy's linear rule); float data 65,536 bins.
     """
-    first = _combine(rows_of(partial_stats, {}))
+    first = _combine(rows_of(partial_stats, {"sums": spec.mode == "dataset"}))
     if spec.mode != "dataset" or len(first["channels"]) != 1 or not int(first.get("count", 0)):
         return first, spec
-    c = next(iter(first["channels"]))
     lo, hi = float(first["min"].min()), float(first["max"].max())
     integer = all(np.dtype(k).kind in "biu" for k in first["dtypes"]) and hi - lo + 1 <= EXACT_RANGE
     bins = int(hi - lo + 1) if integer else FLOAT_BINS
-    hist = _combine(rows_of(partial_stats, {"histogram": (c, lo, hi, bins, integer)}))["hist"]
+    hist = _combine(rows_of(partial_stats, {"histogram": (lo, hi, bins, integer)}))["hist"]
     width = 1.0 if integer else max(hi - lo, 1e-30) / bins
     n, s, ss = first["count"].item(), first["sum"], first["sumsq"]
     mean = s / n
