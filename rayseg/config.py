@@ -96,6 +96,8 @@ OPTIONS: dict[str, Option] = {
     # pool
     "actors": Option(str, "", "predictor actor pool size MIN:MAX (default: one per GPU, else one per --threads CPUs)", _actors),
     "threads": Option(int | None, None, "torch threads per CPU predictor actor (default: 1, or the CPUs / --actors)", _at_least(1)),
+    "cpus_per_gpu": Option(int, 4, "CPUs each GPU predictor actor reserves: it decodes and encodes that many batches at once "
+                                   "on them while the GPU runs one at a time", _at_least(1)),
     # model
     "model": Option(str, "lraspp_mobilenet_v3_large", "model architecture", meta={"choices": MODEL_NAMES}),
     "num_classes": Option(int, 2, "number of classes, background included", _between(1, 255, "between 1 and 255"),
@@ -184,7 +186,7 @@ OPTIONS: dict[str, Option] = {
 
 STORAGE = ("storage_options",)
 CLUSTER = ("address", "quiet", "verbose")
-POOL = ("actors", "threads")
+POOL = ("actors", "threads", "cpus_per_gpu")
 MODEL = ("model", "num_classes", "weights", "checkpoint", "input_size")
 READ = ("h5_key", "image_column", "max_pixels")
 LABELLED = ("data", "h5_key", "mask_key", "mask_mode", "max_pixels")

@@ -61,7 +61,8 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
     ds, _ = read_labelled(cfg.data, k, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels, cfg.batch_size, units=units,
                           stage_cpus=(runtime.READ_CPUS, runtime.DECODE_CPUS), mask_mode=cfg.mask_mode)  # fractions: whole CPUs would wait for the actors
     ds = ds.map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_args=(bundle, opts),
-                        fn_constructor_kwargs={"threads": threads, "report": device_log}, compute=runtime.actor_pool(pool), **resources)
+                        fn_constructor_kwargs={"threads": threads, "report": device_log},
+                        compute=runtime.actor_pool(pool, resources["num_cpus"] if "num_gpus" in resources else 1), **resources)
     ds = ds.map_batches(confusion_batch, batch_size=cfg.batch_size, fn_kwargs={"num_classes": k}, num_cpus=runtime.ENCODE_CPUS)
 
     cm, pairs, bad = ConfusionMatrix(k, ignore_index=None), 0, []

@@ -126,14 +126,23 @@ def actor_plan(cfg) -> tuple[tuple[int, int], dict, int]:
         if gpus == 0:
             log.info("the predictor pool waits for its first GPU: none is up now; it asks for 1 GPU per actor, %d to %d "
                      "actors, for an autoscaler to add", *pool)
-        return pool, {"num_gpus": 1, "num_cpus": 1}, 1
+        # as many CPUs as asked, but never so many that an actor fits on none of the GPU nodes up now, nor leaves no
+        # room there for the read stage (on a 4-CPU, 1-GPU machine: 3)
+        per_gpu = [n["Resources"].get("CPU", 0) / n["Resources"]["GPU"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
+        cpus_each = max(1, min(cfg.cpus_per_gpu, int(min(per_gpu) - READ_CPUS))) if per_gpu else cfg.cpus_per_gpu
+        return pool, {"num_gpus": 1, "num_cpus": cpus_each}, 1
     fixed = actor_range(cfg.actors) if cfg.actors else None
     threads = cfg.threads or (max(1, cpus // fixed[1]) if fixed else 1)
     pool = fixed or (max(1, cpus // threads),) * 2
     return pool, {"num_cpus": round(CPU_ACTOR_SHARE * min(threads, cpus / pool[1]), 4)}, threads
 
 
-def actor_pool(pool: tuple[int, int]) -> ray.data.ActorPoolStrategy:
+def actor_pool(pool: tuple[int, int], calls: int = 1) -> ray.data.ActorPoolStrategy:
+    """The predictor pool; `calls` > 1 (GPU actors: --cpus-per-gpu) runs that many batches in each actor at once, on
+    threads: one decodes or encodes while another holds the device (the predictor's lock lets one at a time)."""
+    if calls > 1:
+        return ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1], max_concurrent_calls_per_actor=calls,
+                                          enable_true_multi_threading=True)
     return ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1])
 
 

@@ -40,11 +40,12 @@ def work_units(shards: list[storage.Shard]) -> list[dict]:
 
 
 class Segmenter:
-    """The CPU plan's one stage: decode, predict and encode in the actor that holds the model.
+    """The plan's one stage: decode, predict and encode in the actor that holds the model.
 
     On CPUs every core runs a model, so a decode or encode task could only take a core from one; done in the
-    actor, each image also skips two object-store hops (the decoded image, the mask). On a GPU the actor's one
-    CPU must keep the device fed, so there decode and encode stay parallel tasks.
+    actor, each image also skips two object-store hops (the decoded image, the mask). On a GPU the actor reserves
+    --cpus-per-gpu CPUs and runs that many calls at once on threads (runtime.actor_pool): while one holds the
+    device, the others decode and encode, on the GPU's own node, and no decoded batch crosses the object store.
     """
 
     def __init__(self, bundle: ModelBundle, opts: PredictConfig, threads: int, confidence_map: bool, max_pixels: int, encode_kw: dict,
@@ -59,8 +60,8 @@ class Segmenter:
 def build_plan(cfg: SegmentConfig, units: list[dict], bundle: ModelBundle, counter=None, devices=None):
     """The whole Ray Data plan as one dataset of output rows (pyarrow tables with stats.SCHEMA).
 
-    GPU: read (tasks) -> decode (tasks) -> predict (one actor per GPU) -> encode (tasks).
-    CPU: read (tasks) -> decode + predict + encode (one actor per core, `Segmenter`).
+    GPU: read (tasks) -> decode + predict + encode (`Segmenter`, one actor per GPU, --cpus-per-gpu calls at once).
+    CPU: read (tasks) -> decode + predict + encode (`Segmenter`, one actor per core, one call at a time).
     With --objects the rows carry an extra `objects` column; `counter` (a progress.Counter) gets what the
     read and encode stages finish; `devices` (a rayseg.devices.DeviceLog) what each predictor actor runs with.
     The predictor runs where the plan put it: on GPU actors CUDA or an EnvError, never a quiet fall back to CPU.
@@ -75,13 +76,9 @@ def build_plan(cfg: SegmentConfig, units: list[dict], bundle: ModelBundle, count
     ds = ds.map_batches(progress.read_stage, batch_size=1, fn_kwargs=read_kw, num_cpus=runtime.READ_CPUS)
     encode_kw = {"num_classes": bundle.card.num_classes, "mask_format": cfg.mask_format, "objects": cfg.objects,
                  "min_area": cfg.min_area, "counter": counter}
-    if not on_gpu:
-        return ds.map_batches(Segmenter, batch_size=rows, fn_constructor_args=(bundle, opts, threads, cfg.objects, cfg.max_pixels, encode_kw, devices),
-                              compute=runtime.actor_pool(pool), **resources)
-    ds = ds.map_batches(decode_batch, batch_size=rows, fn_kwargs={"max_pixels": cfg.max_pixels}, num_cpus=runtime.DECODE_CPUS)
-    ds = ds.map_batches(Predictor, batch_size=rows, fn_constructor_args=(bundle, opts),
-                        fn_constructor_kwargs={"threads": threads, "confidence_map": cfg.objects, "report": devices}, compute=runtime.actor_pool(pool), **resources)
-    return ds.map_batches(progress.encode_stage, batch_size=rows, fn_kwargs=encode_kw, num_cpus=runtime.ENCODE_CPUS)
+    calls = resources["num_cpus"] if on_gpu else 1  # a GPU actor runs a call per CPU it reserves
+    return ds.map_batches(Segmenter, batch_size=rows, fn_constructor_args=(bundle, opts, threads, cfg.objects, cfg.max_pixels, encode_kw, devices),
+                          compute=runtime.actor_pool(pool, calls), **resources)
 
 
 def count_output(url: str, storage_options: dict) -> tuple[int, int, list[dict]]:

@@ -55,12 +55,17 @@ def test_a_ray_that_advertises_a_gpu_it_cannot_use_fails_in_one_sentence(tmp_pat
 
 def test_device_cuda_asks_for_a_gpu_per_actor_and_a_pool_up_to_max_without_any_gpu_now(ray_local, caplog):
     """On a cluster whose GPU group is at zero nodes, the plan still asks for GPUs, so the autoscaler adds them."""
-    from rayseg.runtime import actor_plan
+    from rayseg.runtime import actor_plan, actor_pool
 
     assert ray_local.cluster_resources().get("GPU", 0) == 0
     caplog.set_level("INFO", logger="rayseg")
     pool, resources, threads = actor_plan(SegmentConfig(inputs=("x",), output="y", device="cuda", actors="1:8"))
-    assert pool == (1, 8) and resources["num_gpus"] == 1 and threads == 1
+    assert pool == (1, 8) and resources == {"num_gpus": 1, "num_cpus": 4} and threads == 1  # --cpus-per-gpu 4 by default
+    strategy = actor_pool(pool, resources["num_cpus"])
+    assert (strategy.min_size, strategy.max_size, strategy.max_concurrent_calls_per_actor) == (1, 8, 4)
+    assert strategy.enable_true_multi_threading  # batches decode and encode on threads while one holds the device
+    _, resources, _ = actor_plan(SegmentConfig(inputs=("x",), output="y", device="cuda", cpus_per_gpu=8))
+    assert resources == {"num_gpus": 1, "num_cpus": 8}
     assert any("waits for its first GPU" in r.getMessage() for r in caplog.records)
     pool, resources, _ = actor_plan(SegmentConfig(inputs=("x",), output="y", device="cuda"))
     assert pool == (1, 1) and resources["num_gpus"] == 1  # no --actors: (1, max(1, GPUs now))
@@ -76,3 +81,37 @@ def test_the_summary_says_what_the_predictor_ran_on(ray_local, tmp_path):
     assert dev["device"] == "cpu" and dev["precision"] == "fp32" and dev["batch_size"] == 16
     assert dev["torch"] == torch.__version__ and dev["actors"] == 2
     assert json.loads((tmp_path / "out" / "_rayseg.json").read_text())["devices"] == summary["devices"]
+
+
+def test_concurrent_calls_in_one_actor_give_the_rows_one_call_at_a_time_gives(ray_local, tmp_path):
+    """The GPU plan's actor shape (several calls at once on threads, the device one at a time), run on CPU."""
+    import dataclasses
+
+    import ray
+
+    from rayseg import progress
+    from rayseg.config import PredictConfig
+    from rayseg.models import load_bundle
+    from rayseg.runtime import actor_pool
+    from rayseg.segment import Segmenter, work_units
+    from rayseg.storage import discover
+
+    write_images(tmp_path / "in", n=24)
+    units = work_units(discover([str(tmp_path / "in")], {})[0])
+    units = [{"kind": "image", "urls": [u]} for unit in units for u in unit["urls"]]  # one image a block: many calls
+    bundle = load_bundle(None, "unet", 3, input_size=32)
+    opts = dataclasses.replace(PredictConfig(batch_size=4), device="cpu")
+    encode_kw = {"num_classes": 3, "mask_format": "png", "objects": False, "min_area": 0, "counter": None}
+
+    def rows(calls: int) -> dict:
+        ds = ray.data.from_items(units, override_num_blocks=len(units))
+        ds = ds.map_batches(progress.read_stage, batch_size=1, fn_kwargs={"storage_options": {}, "h5_key": "images", "image_column": "image"},
+                            num_cpus=0.2)
+        ds = ds.map_batches(Segmenter, batch_size=2, fn_constructor_args=(bundle, opts, 1, False, 10**8, encode_kw),
+                            compute=actor_pool((1, 1), calls), num_cpus=0.5)
+        return {r["image_id"]: r for r in ds.take_all()}
+
+    serial, concurrent = rows(1), rows(3)
+    assert len(serial) == len(concurrent) == 24
+    for image_id, row in serial.items():
+        assert concurrent[image_id]["mask_png"] == row["mask_png"] and concurrent[image_id]["error"] is None

@@ -87,3 +87,22 @@ def test_an_env_error_from_an_actor_constructor_is_unwrapped_from_rays_text():
     assert device_error_of(RuntimeError("something else")) is None
     plain = EnvError("x")
     assert device_error_of(plain) is plain
+
+
+@needs_gpu
+def test_host_feed_reuses_pinned_buffers_for_any_dtype_and_channel_count():
+    from rayseg.predict import HostFeed
+
+    feed = HostFeed(torch.device("cuda"))
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8), rng.random((2, 32, 32, 1), dtype=np.float32),
+               [rng.integers(0, 65535, (16, 16, 4), dtype=np.uint16) for _ in range(3)], rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)]
+    for b in batches:
+        want = np.stack(b) if isinstance(b, list) else b
+        got = feed(b)
+        assert got.is_cuda and got.shape == want.shape
+        np.testing.assert_array_equal(got.cpu().numpy(), want)
+    assert all(buf is not None and buf.is_pinned() for buf in feed.buffers)
+    nxt = batches[0]
+    feed.prefetch(nxt)
+    assert feed(nxt) is feed.ahead or feed.ahead is None  # the prefetched tensor is handed over once
