@@ -182,6 +182,8 @@ OPTIONS: dict[str, Option] = {
     "lease_wait": Option(float, 0.0, "seconds to wait for another run's lease on OUT before giving up (0: give up at once)",
                          _between(0, 86400, "between 0 and 86400")),
     "status": Option(bool, False, "print the backlog (shards new, changed, done) and exit, without starting Ray"),
+    # doctor
+    "gpu": Option(bool, False, "check the GPU path too: predictor, segment end to end, training and bench on this machine's GPU"),
 }
 
 STORAGE = ("storage_options",)
@@ -328,8 +330,10 @@ SynthConfig = compose("SynthConfig", ("out", "layout", "labelled", "count", "see
                       defaults={"layout": "h5", "count": 100, "num_classes": None}, positional=("out",), check=_check_synth,
                       doc="`rayseg synth`: what archive to write; checked further by synth.check_options.")
 
+DoctorConfig = compose("DoctorConfig", ("gpu", "json", "workdir"), doc="`rayseg doctor`: what to check and where to write it.")
+
 COMMAND_CONFIGS = {"synth": SynthConfig, "segment": SegmentConfig, "nightly": NightlyConfig, "evaluate": EvalConfig, "train": TrainConfig,
-                   "bench": BenchConfig, "demo": DemoConfig, "report": ReportConfig}
+                   "bench": BenchConfig, "demo": DemoConfig, "report": ReportConfig, "doctor": DoctorConfig}
 
 
 def public_config(cfg) -> dict:

@@ -11,7 +11,7 @@ from rayseg import cli, config
 from rayseg.cliutil import config_from
 from rayseg.errors import UserError
 
-COMMANDS = ("segment", "nightly", "evaluate", "train", "bench", "demo", "report", "synth")
+COMMANDS = ("segment", "nightly", "evaluate", "train", "bench", "demo", "report", "synth", "doctor")
 
 
 def flags_of(command: str) -> dict[str, argparse.Action]:
