@@ -21,6 +21,7 @@ image). They are committed like any other and not retried until the shard, the m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -81,20 +82,27 @@ def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, r
     """One Ray Data plan over the pending shards, committed wave by wave; returns (waves, cluster)."""
     import ray
 
-    from rayseg import runtime
+    from rayseg import progress, runtime
     from rayseg.segment import build_plan, work_units
     from rayseg.waves import WaveWriter
 
     runtime.ensure_ray(cfg.address, cfg.quiet)
     runtime.configure_data(cfg.quiet)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # waves close at shard boundaries
     units = work_units(pending)
-    by_url = {s.url: s for s in pending}
-    order = [by_url[u] for unit in units for u in unit["urls"]]  # the order rows arrive in
-    writer = WaveWriter(order, state, lease, cfg, key, run_id)
-    for batch in build_plan(cfg, units, bundle).iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-        writer.add(batch)
-    writer.finish()
+    reporter = progress.Reporter(len(units)) if progress.wants_log_lines(cfg.quiet) else None
+    # the counter also keeps the rows of each shard read whole, so waves close on whole shards in any arrival order
+    counter = reporter.counter if reporter else progress.Counter.remote()
+    try:
+        with reporter or contextlib.nullcontext():
+            writer = WaveWriter(pending, state, lease, cfg, key, run_id, lambda: ray.get(counter.shard_rows.remote(), timeout=60))
+            for batch in build_plan(cfg, units, bundle, counter).iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                writer.add(batch)
+            writer.finish()
+            if reporter:
+                reporter.finish(writer.committed_images)
+    finally:
+        if reporter is None:
+            ray.kill(counter)
     return writer.waves, runtime.cluster_summary()
 
 

@@ -42,14 +42,23 @@ def interval_s() -> float:
 
 @ray.remote(num_cpus=0)
 class Counter:
-    """Totals the stages report. Takes no CPU, so it never holds back the pipeline on a small cluster."""
+    """Totals the stages report. Takes no CPU, so it never holds back the pipeline on a small cluster.
+
+    It also keeps how many rows each shard gave once the shard was read whole, so that a consumer of rows that
+    arrive in any order (nightly's waves) knows when it holds all of a shard.
+    """
 
     def __init__(self):
         self.units = self.read = self.done = self.errors = 0
+        self.rows_of: dict[str, int] = {}
 
-    def add_read(self, units: int, images: int) -> None:
+    def add_read(self, units: int, images: int, rows_of: dict[str, int] | None = None) -> None:
         self.units += units
         self.read += images
+        self.rows_of.update(rows_of or {})  # update, not add: a retried read task reports the same counts again
+
+    def shard_rows(self) -> dict[str, int]:
+        return self.rows_of
 
     def add_done(self, images: int, errors: int) -> None:
         self.done += images
@@ -61,12 +70,13 @@ class Counter:
 
 def read_stage(batch: dict[str, np.ndarray], counter=None, **kwargs) -> Iterator[dict]:
     """The read stage: shards.read_units, reporting to the counter (if any) once its work units are fully read."""
-    n = 0
+    rows_of = {str(u): 0 for urls in batch["urls"] for u in urls}
     for out in read_units(batch, **kwargs):
-        n += len(out["image_id"])
+        for shard in out["shard"]:
+            rows_of[str(shard)] = rows_of.get(str(shard), 0) + 1
         yield out
-    if counter is not None:
-        counter.add_read.remote(len(batch["urls"]), n)  # fire and forget: progress must never slow the stage
+    if counter is not None:  # fire and forget: progress must never slow the stage
+        counter.add_read.remote(len(batch["urls"]), sum(rows_of.values()), rows_of)
 
 
 def encode_stage(batch: dict[str, np.ndarray], counter=None, **kwargs):

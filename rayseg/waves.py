@@ -1,9 +1,11 @@
 """Waves: the rows of one Ray Data plan over all pending shards, committed a few thousand images at a time.
 
-The plan runs with `preserve_order`, so rows reach the driver in the order of the work units: once a row of
-shard j arrives, every shard before j is complete. Rows stream into the current wave's Parquet file; when the
-wave holds --commit-every images or --commit-mb megabytes and a shard ends, the file is closed and committed
-(table.commit), and the next wave starts. A kill loses at most the wave in flight; its file is never committed.
+Rows reach the driver in any order, as the actors finish them. The read stage tells a progress.Counter how many
+rows each shard gave, so the writer knows when it holds all of a shard: until then the shard's rows wait in
+memory; then they go into the current wave's Parquet file. When the wave holds --commit-every images or
+--commit-mb megabytes, the file is closed and committed (table.commit), and the next wave starts. A kill loses
+at most the wave in flight and the shards still arriving; their rows are never committed. Waiting for order
+instead would hold every commit behind the slowest early shard.
 
 Shards that were committed before (changed shards, a new model or output option) are replaced in the same
 commit: the files holding their old rows are removed, and the rows of other shards in those files are copied
@@ -35,19 +37,25 @@ def conform(batch: pa.Table) -> pa.Table:
 
 
 class WaveWriter:
-    """Feed it the plan's batches in order (`add`), then `finish`; it commits a wave whenever one is full."""
+    """Feed it the plan's batches (`add`), then `finish`; it commits a wave whenever one is full.
 
-    def __init__(self, order: list[Shard], state: table.State, lease, cfg, key: str, run_id: str):
-        self.order, self.index = order, {s.url: i for i, s in enumerate(order)}
+    `shard_rows()` returns {shard URL: rows it gave} for the shards read whole so far (progress.Counter).
+    """
+
+    def __init__(self, shards: list[Shard], state: table.State, lease, cfg, key: str, run_id: str, shard_rows):
+        self.by_url = {s.url: s for s in shards}
         self.state, self.lease, self.cfg, self.key, self.run_id = state, lease, cfg, key, run_id
-        self.so = cfg.storage_options
-        self.start = self.current = 0  # the wave holds shards order[start:current + 1]
+        self.so, self.shard_rows = cfg.storage_options, shard_rows
+        self.arriving: dict[str, list[pa.Table]] = {}  # rows of shards not yet complete
+        self.received: dict[str, int] = {}
+        self.written: set[str] = set()  # shards whose rows went into a wave (this one or a committed one)
         self.waves: list[dict] = []
         self._reset()
 
     def _reset(self) -> None:
         self.writer, self.buffer, self.rows, self.bytes, self.stats = None, [], 0, 0, table.FileStats()
         self.per_shard: dict[str, list[int]] = {}  # url -> [rows, errors]
+        self.wave: list[Shard] = []
 
     @property
     def committed_images(self) -> int:
@@ -59,19 +67,27 @@ class WaveWriter:
     def add(self, batch: pa.Table) -> None:
         if not batch.num_rows:
             return
-        idx = pa.array([self.index.get(u, -1) for u in batch["shard"].to_pylist()], pa.int64())
-        if pc.min(idx).as_py() < 0:
-            raise RuntimeError("the plan gave a row for a shard that is not pending")
-        # split where the shard index changes: each piece holds one shard's rows
-        bounds = [0, *(pc.indices_nonzero(pc.not_equal(idx[1:], idx[:-1])).to_numpy() + 1).tolist(), batch.num_rows]
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            j = idx[lo].as_py()
-            if j < self.current:
-                raise RuntimeError(f"rows of shard {self.order[j].url} arrived after a later shard's")
-            if j > self.current and self._full():
-                self.close(upto=j)
-            self.current = j
-            self._write(batch.slice(lo, hi - lo), self.order[j].url)
+        for url in pc.unique(batch["shard"]).to_pylist():
+            if url not in self.by_url:
+                raise RuntimeError(f"the plan gave a row for {url}, which is not pending")
+            piece = batch.filter(pc.equal(batch["shard"], url))
+            self.arriving.setdefault(url, []).append(piece)
+            self.received[url] = self.received.get(url, 0) + piece.num_rows
+        self._take_complete(self.shard_rows() if self.arriving else {})
+
+    def _take_complete(self, expected: dict[str, int] | None) -> None:
+        """Move the shards whose rows have all arrived into the wave (all of them when `expected` is None)."""
+        for url in list(self.arriving):
+            if expected is None or (url in expected and self.received[url] >= expected[url]):
+                for piece in self.arriving.pop(url):
+                    self._write(piece, url)
+                self._add_to_wave(url)
+
+    def _add_to_wave(self, url: str) -> None:
+        self.wave.append(self.by_url[url])
+        self.written.add(url)
+        if self._full():
+            self.close()
 
     def _full(self) -> bool:
         return self.rows >= self.cfg.commit_every or self.bytes >= self.cfg.commit_mb * 2**20
@@ -87,8 +103,9 @@ class WaveWriter:
         self.stats.update(piece)
         if sum(b.num_rows for b in self.buffer) >= ROW_GROUP_ROWS:
             self._flush()
-        self.lease.progress = {"committed_images": self.committed_images, "images_in_flight": self.rows,
-                               "shards_in_flight": len(self.per_shard), "waves_committed": len(self.waves)}
+        arriving = sum(self.received[u] for u in self.arriving)
+        self.lease.progress = {"committed_images": self.committed_images, "images_in_flight": self.rows + arriving,
+                               "shards_in_flight": len(self.per_shard) + len(self.arriving), "waves_committed": len(self.waves)}
 
     def _flush(self) -> None:
         if not self.buffer:
@@ -100,11 +117,17 @@ class WaveWriter:
         self.buffer = []
 
     def finish(self) -> None:
-        if self.start < len(self.order):
-            self.close(upto=len(self.order))
+        """The plan is done, so every shard is complete; shards that gave no rows are committed with none."""
+        self._take_complete(None)
+        for url in self.by_url:
+            if url not in self.written:
+                self.wave.append(self.by_url[url])
+                self.written.add(url)
+        if self.wave:
+            self.close()
 
-    def close(self, upto: int) -> None:
-        """Commit the wave: shards order[start:upto] (those without rows are committed with none)."""
+    def close(self) -> None:
+        """Commit the wave: its file, and a manifest row for each of its shards."""
         t0 = time.perf_counter()
         self._flush()
         rel, adds, number = "", [], len(self.waves) + 1
@@ -112,7 +135,7 @@ class WaveWriter:
             rel = self._wave_file()
             self.writer.close()
             adds.append(table.add_action(rel, table.file_size(self.cfg.output, rel, self.so), self.stats))
-        shards = self.order[self.start:upto]
+        shards = self.wave
         redone = {s.url for s in shards if s.url in self.state.records}
         extra, removes, moved = self._replace(redone)
         now = layout.now().isoformat()
@@ -128,7 +151,6 @@ class WaveWriter:
                 "commit_s": round(time.perf_counter() - t0, 3)}
         self.waves.append(wave)
         log.info("wave %d committed: %d shards, %d images (table version %d)", wave["wave"], wave["shards"], wave["rows"], version)
-        self.start = self.current = upto
         self._reset()
 
     def _replace(self, redone: set[str]) -> tuple[list, list[str], list[dict]]:
