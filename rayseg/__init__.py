@@ -10,4 +10,11 @@ def segment(config=None, **kwargs):
     return _segment(config, **kwargs)
 
 
-__all__ = ["segment", "__version__"]
+def read_table(output: str, storage_options: dict | None = None, table: str = "images"):
+    """An output's rows as one consistent snapshot (a pyarrow Dataset): the one way to read what rayseg wrote."""
+    from rayseg.table import read_table as _read_table
+
+    return _read_table(output, storage_options, table)
+
+
+__all__ = ["segment", "read_table", "__version__"]

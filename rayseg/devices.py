@@ -8,6 +8,7 @@ own libraries keep their state in); tests/system/test_gpu_plan.py checks that th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 
@@ -35,3 +36,20 @@ class DeviceLog:
 
     def clear(self) -> None:
         internal_kv._internal_kv_del(self.prefix, del_by_prefix=True, namespace=NAMESPACE)
+
+
+@contextlib.contextmanager
+def gathered(log: DeviceLog):
+    """Around a plan's run: a predictor's CUDA failure, which reaches the driver wrapped by Ray, becomes its one
+    EnvError sentence; the run's reports are cleared from the store afterwards."""
+    from rayseg.predict import device_error_of
+
+    try:
+        yield log
+    except Exception as e:
+        env = device_error_of(e)
+        if env is None:
+            raise
+        raise env from None
+    finally:
+        log.clear()

@@ -19,6 +19,7 @@ import numpy as np
 from rayseg import layout, storage
 from rayseg.cliutil import add_command, config_from
 from rayseg.config import EvalConfig, PredictConfig, public_config
+from rayseg.devices import DeviceLog, gathered
 from rayseg.decode import errors_of
 from rayseg.errors import UserError
 from rayseg.metrics import ConfusionMatrix, confusion_matrix, format_table
@@ -39,13 +40,28 @@ def confusion_batch(batch: dict[str, np.ndarray], num_classes: int) -> dict[str,
     return {"matrix": matrix.reshape(1, -1), "pairs": np.array([len(errors) - len(bad)]), "bad": np.array([json.dumps(bad)], dtype=object)}
 
 
+def build_plan(cfg: EvalConfig, bundle, units: list[dict], device_log):
+    """read pairs (tasks) -> the predictor (actor pool) -> one confusion matrix per batch (tasks)."""
+    from rayseg import runtime
+    from rayseg.labelled import read_labelled
+    from rayseg.predict import Predictor
+
+    k = bundle.card.num_classes
+    pool, resources, threads = runtime.actor_plan(cfg)
+    opts = dataclasses.replace(PredictConfig.of(cfg), device="cuda" if "num_gpus" in resources else "cpu")  # where the plan put it
+    ds, _ = read_labelled(cfg.data, k, cfg.storage_options, cfg.h5_key, cfg.mask_key, cfg.max_pixels, cfg.batch_size, units=units,
+                          stage_cpus=(runtime.READ_CPUS, runtime.DECODE_CPUS), mask_mode=cfg.mask_mode)  # fractions: whole CPUs would wait for the actors
+    ds = ds.map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_args=(bundle, opts),
+                        fn_constructor_kwargs={"threads": threads, "report": device_log},
+                        compute=runtime.actor_pool(pool, resources["num_cpus"] if "num_gpus" in resources else 1), **resources)
+    return ds.map_batches(confusion_batch, batch_size=cfg.batch_size, fn_kwargs={"num_classes": k}, num_cpus=runtime.ENCODE_CPUS)
+
+
 def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
     """Run `rayseg evaluate`; returns the results (also written to --json when given)."""
     from rayseg import runtime
-    from rayseg.labelled import find_pairs, read_labelled
+    from rayseg.labelled import find_pairs
     from rayseg.models import load_bundle
-    from rayseg.predict import Predictor, device_error_of
-    from rayseg.devices import DeviceLog
 
     cfg = config if config is not None else config_from(EvalConfig, kwargs)
     started, t0, so = layout.now(), time.perf_counter(), cfg.storage_options
@@ -55,30 +71,13 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
     runtime.ensure_ray(cfg.address, cfg.quiet)
     runtime.configure_data(cfg.quiet)
 
-    pool, resources, threads = runtime.actor_plan(cfg)
-    opts = dataclasses.replace(PredictConfig.of(cfg), device="cuda" if "num_gpus" in resources else "cpu")  # where the plan put it
-    device_log = DeviceLog()
-    ds, _ = read_labelled(cfg.data, k, so, cfg.h5_key, cfg.mask_key, cfg.max_pixels, cfg.batch_size, units=units,
-                          stage_cpus=(runtime.READ_CPUS, runtime.DECODE_CPUS), mask_mode=cfg.mask_mode)  # fractions: whole CPUs would wait for the actors
-    ds = ds.map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_args=(bundle, opts),
-                        fn_constructor_kwargs={"threads": threads, "report": device_log},
-                        compute=runtime.actor_pool(pool, resources["num_cpus"] if "num_gpus" in resources else 1), **resources)
-    ds = ds.map_batches(confusion_batch, batch_size=cfg.batch_size, fn_kwargs={"num_classes": k}, num_cpus=runtime.ENCODE_CPUS)
-
     cm, pairs, bad = ConfusionMatrix(k, ignore_index=None), 0, []
-    try:
-        for row in ds.iter_rows():
+    with gathered(DeviceLog()) as device_log:
+        for row in build_plan(cfg, bundle, units, device_log).iter_rows():
             cm.merge(np.asarray(row["matrix"]).reshape(k, k))
             pairs += int(row["pairs"])
             bad += json.loads(row["bad"])
         devices = device_log.devices()
-    except Exception as e:  # a GPU actor that cannot start CUDA reaches here wrapped by Ray: say why in one sentence
-        env = device_error_of(e)
-        if env is None:
-            raise
-        raise env from None
-    finally:
-        device_log.clear()
     for image_id, error in bad:
         log.warning("evaluate: skipping %s: %s", image_id, error)
     if bad:

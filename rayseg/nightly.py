@@ -83,6 +83,7 @@ def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, r
     import ray
 
     from rayseg import progress, runtime
+    from rayseg.devices import DeviceLog, gathered
     from rayseg.segment import build_plan, work_units
     from rayseg.waves import WaveWriter
 
@@ -93,17 +94,19 @@ def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, r
     # the counter also keeps the rows of each shard read whole, so waves close on whole shards in any arrival order
     counter = reporter.counter if reporter else progress.Counter.remote()
     try:
-        with reporter or contextlib.nullcontext():
+        with reporter or contextlib.nullcontext(), gathered(DeviceLog()) as device_log:
             writer = WaveWriter(pending, state, lease, cfg, key, run_id, lambda: ray.get(counter.shard_rows.remote(), timeout=60))
-            for batch in build_plan(cfg, units, bundle, counter).iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            plan = build_plan(cfg, units, bundle, counter, device_log)
+            for batch in plan.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
                 writer.add(batch)
             writer.finish()
+            devices = device_log.devices()
             if reporter:
                 reporter.finish(writer.committed_images)
     finally:
         if reporter is None:
             ray.kill(counter)
-    return writer.waves, runtime.cluster_summary()
+    return writer.waves, {**runtime.cluster_summary(), "devices": devices}
 
 
 def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:

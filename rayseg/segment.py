@@ -19,11 +19,11 @@ from rayseg import layout, progress, runtime, storage
 from rayseg.cliutil import add_command, config_from, print_summary
 from rayseg.config import PredictConfig, SegmentConfig, public_config
 from rayseg.decode import decode_batch
-from rayseg.devices import DeviceLog
+from rayseg.devices import DeviceLog, gathered
 from rayseg.errors import UserError
 from rayseg.models import ModelBundle, load_bundle
 from rayseg.objects import write_objects
-from rayseg.predict import CPU_BATCH_SIZE, MAX_AUTO_BATCH_SIZE, Predictor, device_error_of
+from rayseg.predict import CPU_BATCH_SIZE, MAX_AUTO_BATCH_SIZE, Predictor
 
 FILES_PER_UNIT = 16  # single image files are read 16 to a task: one task per file costs more in scheduling than in reading
 
@@ -115,18 +115,10 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
     pa_fs, images_path = storage.pyarrow_filesystem(images_url, so)
     reporter = progress.Reporter(len(units)) if progress.wants_log_lines(cfg.quiet) else None
     with reporter or contextlib.nullcontext():
-        device_log = DeviceLog()
-        plan = build_plan(cfg, units, bundle, reporter and reporter.counter, device_log)
-        try:
+        with gathered(DeviceLog()) as device_log:
+            plan = build_plan(cfg, units, bundle, reporter and reporter.counter, device_log)
             plan.write_parquet(images_path, filesystem=pa_fs, ray_remote_args=runtime.WRITE_ARGS)
             devices = device_log.devices()
-        except Exception as e:  # a GPU actor that cannot start CUDA reaches here wrapped by Ray: say why in one sentence
-            env = device_error_of(e)
-            if env is None:
-                raise
-            raise env from None
-        finally:
-            device_log.clear()
         rows, errors, examples = storage.retry(count_output, images_url, so, what="reading the output back")
         if reporter:
             reporter.finish(rows)

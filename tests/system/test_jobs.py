@@ -28,6 +28,7 @@ from conftest import png_bytes, random_image, tar_bytes
 from rayseg.cliutil import config_from_args
 from rayseg.config import SegmentConfig
 from rayseg.errors import UserError
+from rayseg.table import read_table
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -213,8 +214,8 @@ def write_tar(path: Path, n: int, seed: int) -> set[str]:
     return {f"file://{path}::k{i}" for i in range(n)}
 
 
-def rows_once(images: Path, expected: set[str]) -> None:
-    df = pd.read_parquet(images)
+def rows_once(out: Path, expected: set[str]) -> None:
+    df = read_table(str(out)).to_table(columns=["image_id"]).to_pandas()  # the documented read path
     assert not df.image_id.duplicated().any()
     assert set(df.image_id) == expected
 
@@ -247,14 +248,14 @@ def test_jobs_on_a_two_node_cluster(cluster, tmp_path):
     assert status == "SUCCEEDED", logs[-3000:]
     summary = summary_of(logs)
     assert (summary["command"], summary["rows"], summary["errors"]) == ("segment", 7, 0)
-    rows_once(tmp_path / "seg" / "images", expected)
+    rows_once(tmp_path / "seg", expected)
 
     nightly = f"python jobs/nightly.py {inp} --output {tmp_path}/nightly {OPTS}"
     status, logs = wait(cluster, submit(cluster, nightly))
     assert status == "SUCCEEDED", logs[-3000:]
     assert (summary_of(logs)["shards_new"], summary_of(logs)["rows"]) == (3, 7)
     assert summary_of(logs)["cluster"]["nodes"] == 2  # the job joined the cluster rather than starting its own Ray
-    rows_once(tmp_path / "nightly" / "images", expected)
+    rows_once(tmp_path / "nightly", expected)
 
     status, logs = wait(cluster, submit(cluster, nightly))
     assert status == "SUCCEEDED", logs[-3000:]
@@ -265,4 +266,4 @@ def test_jobs_on_a_two_node_cluster(cluster, tmp_path):
     status, logs = wait(cluster, submit(cluster, nightly))
     assert status == "SUCCEEDED", logs[-3000:]
     assert (summary_of(logs)["shards_new"], summary_of(logs)["shards_skipped"], summary_of(logs)["rows"]) == (1, 3, 2)
-    rows_once(tmp_path / "nightly" / "images", expected)
+    rows_once(tmp_path / "nightly", expected)
