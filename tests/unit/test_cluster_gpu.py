@@ -7,7 +7,6 @@ as the GPU groups, and an object store that fits in each pod's /dev/shm.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import yaml
 
