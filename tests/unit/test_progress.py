@@ -95,14 +95,16 @@ class FakeCounter:
 
     def __init__(self):
         self.t = totals()
+        self.rows_of = {}
         self.killed = False
         self.add_read = Remote(self._add_read)
         self.add_done = Remote(self._add_done)
         self.totals = Remote(lambda: dict(self.t))
 
-    def _add_read(self, units, images):
+    def _add_read(self, units, images, rows_of=None):
         self.t["units"] += units
         self.t["read"] += images
+        self.rows_of.update(rows_of or {})
 
     def _add_done(self, images, errors):
         self.t["done"] += images
@@ -111,10 +113,11 @@ class FakeCounter:
 
 def test_read_stage_reports_units_and_images_once_they_are_read(tmp_path):
     rng = np.random.default_rng(0)
-    tar = tmp_path / "s.tar"
-    tar.write_bytes(tar_bytes({f"k{i}.png": png_bytes(random_image(rng, 4, 4)) for i in range(5)}))
+    tars = [tmp_path / "a.tar", tmp_path / "b.tar"]
+    for tar in tars:
+        tar.write_bytes(tar_bytes({f"k{i}.png": png_bytes(random_image(rng, 4, 4)) for i in range(5)}))
     units = np.empty(2, dtype=object)
-    units[0], units[1] = [str(tar)], [str(tar)]
+    units[0], units[1] = [str(tars[0])], [str(tars[1])]
     batch = {"urls": units, "kind": np.array(["tar", "tar"], dtype=object)}
     counter = FakeCounter()
     kwargs = {"storage_options": {}, "h5_key": "images", "image_column": "image", "rows_per_batch": 4}
@@ -124,6 +127,7 @@ def test_read_stage_reports_units_and_images_once_they_are_read(tmp_path):
         out.append(len(b["image_id"]))
     assert out == [4, 4, 2]
     assert counter.t == totals(units=2, read=10)
+    assert counter.rows_of == {str(tars[0]): 5, str(tars[1]): 5}  # what nightly's waves wait for, shard by shard
     assert sum(len(b["image_id"]) for b in progress.read_stage(batch, None, **kwargs)) == 10
 
 
