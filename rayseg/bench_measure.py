@@ -100,7 +100,8 @@ def in_process(target, *args) -> tuple[dict, dict]:
 
 def _setup_torch(cfg: dict):
     from rayseg.models import for_inference, load_bundle
-    from rayseg.predict import autocast_dtype, resolve_device
+    from rayseg.devices import resolve_device
+    from rayseg.predict import autocast_dtype
 
     bundle = load_bundle(cfg["checkpoint"], cfg["model"], cfg["num_classes"], cfg["weights"], cfg["input_size"])
     device = resolve_device(cfg["device"])

@@ -32,7 +32,7 @@ STEP_CAPS_S = {"predictor": 60, "segment": 110, "train": 60, "bench": 80}
 def versions() -> dict:
     import torch
 
-    from rayseg.predict import cuda_problem, nvidia_driver_version
+    from rayseg.devices import cuda_problem, nvidia_driver_version
 
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "torch_cuda": torch.version.cuda,
            "driver": nvidia_driver_version(), "cuda_problem": cuda_problem()}

@@ -52,7 +52,7 @@ def test_gpu_bf16_masks_agree_with_cpu_fp32_and_batch_size_comes_from_memory():
 
 
 def test_without_cuda_the_reason_names_the_driver_and_the_cuda_build(monkeypatch):
-    from rayseg import predict
+    from rayseg import devices as predict
     from rayseg.errors import EnvError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -75,7 +75,7 @@ def test_an_env_error_from_an_actor_constructor_is_unwrapped_from_rays_text():
     from ray.exceptions import ActorDiedError
 
     from rayseg.errors import EnvError
-    from rayseg.predict import device_error_of
+    from rayseg.devices import device_error_of
 
     wrapped = ActorDiedError()
     wrapped.error_msg = ("The actor died because of an error raised in its creation task, ray::MapWorker(...)\n  File \"x.py\"\n"
@@ -91,7 +91,7 @@ def test_an_env_error_from_an_actor_constructor_is_unwrapped_from_rays_text():
 
 @needs_gpu
 def test_host_feed_reuses_pinned_buffers_for_any_dtype_and_channel_count():
-    from rayseg.predict import HostFeed
+    from rayseg.devices import HostFeed
 
     feed = HostFeed(torch.device("cuda"))
     rng = np.random.default_rng(0)
