@@ -75,19 +75,6 @@ def k8s_docs() -> list[tuple[str, dict]]:
     return out
 
 
-def cluster_specs() -> list[tuple[str, dict]]:
-    """Every RayCluster spec: standalone, inside RayJobs, inside RayCronJobs."""
-    specs = []
-    for label, doc in k8s_docs():
-        if doc["kind"] == "RayCluster":
-            specs.append((label, doc["spec"]))
-        elif doc["kind"] == "RayJob":
-            specs.append((label, doc["spec"]["rayClusterSpec"]))
-        elif doc["kind"] == "RayCronJob":
-            specs.append((label, doc["spec"]["jobTemplate"]["rayClusterSpec"]))
-    return specs
-
-
 def job_specs() -> list[tuple[str, dict]]:
     """Every RayJob spec, including RayCronJob job templates."""
     out = []
@@ -97,6 +84,12 @@ def job_specs() -> list[tuple[str, dict]]:
         elif doc["kind"] == "RayCronJob":
             out.append((label, doc["spec"]["jobTemplate"]))
     return out
+
+
+def cluster_specs() -> list[tuple[str, dict]]:
+    """Every RayCluster spec: standalone, and the one each RayJob (or RayCronJob's job template) starts."""
+    standalone = [(label, doc["spec"]) for label, doc in k8s_docs() if doc["kind"] == "RayCluster"]
+    return standalone + [(label, spec["rayClusterSpec"]) for label, spec in job_specs()]
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
