@@ -9,7 +9,6 @@ integers, so the scores equal those of one process looping over the same images.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -18,7 +17,7 @@ import numpy as np
 
 from rayseg import layout, storage
 from rayseg.cliutil import add_command, config_from
-from rayseg.config import EvalConfig, PredictConfig, public_config
+from rayseg.config import EvalConfig, public_config
 from rayseg.devices import DeviceLog, gathered
 from rayseg.decode import errors_of
 from rayseg.errors import UserError
@@ -47,13 +46,12 @@ def build_plan(cfg: EvalConfig, bundle, units: list[dict], device_log):
     from rayseg.predict import Predictor
 
     k = bundle.card.num_classes
-    pool, resources, threads = runtime.actor_plan(cfg)
-    opts = dataclasses.replace(PredictConfig.of(cfg), device="cuda" if "num_gpus" in resources else "cpu")  # where the plan put it
+    opts, compute, resources, threads = runtime.predictor_plan(cfg)
     ds, _ = read_labelled(cfg.data, k, cfg.storage_options, cfg.h5_key, cfg.mask_key, cfg.max_pixels, cfg.batch_size, units=units,
                           stage_cpus=(runtime.READ_CPUS, runtime.DECODE_CPUS), mask_mode=cfg.mask_mode)  # fractions: whole CPUs would wait for the actors
     ds = ds.map_batches(Predictor, batch_size=cfg.batch_size, fn_constructor_args=(bundle, opts),
                         fn_constructor_kwargs={"threads": threads, "report": device_log},
-                        compute=runtime.actor_pool(pool, resources["num_cpus"] if "num_gpus" in resources else 1), **resources)
+                        compute=compute, **resources)
     return ds.map_batches(confusion_batch, batch_size=cfg.batch_size, fn_kwargs={"num_classes": k}, num_cpus=runtime.ENCODE_CPUS)
 
 

@@ -7,6 +7,7 @@ the embedded Ray's settings and the actor pool's size are decided the same way e
 from __future__ import annotations
 
 import io
+import dataclasses
 import logging
 import os
 import re
@@ -135,6 +136,18 @@ def actor_plan(cfg) -> tuple[tuple[int, int], dict, int]:
     threads = cfg.threads or (max(1, cpus // fixed[1]) if fixed else 1)
     pool = fixed or (max(1, cpus // threads),) * 2
     return pool, {"num_cpus": round(CPU_ACTOR_SHARE * min(threads, cpus / pool[1]), 4)}, threads
+
+
+def predictor_plan(cfg):
+    """(predict group, actor pool, ray resources per actor, torch threads) for a predictor stage: the device is where
+    actor_plan placed the actors (CUDA on GPU actors, never a quiet fall back), and a GPU actor runs a call per CPU
+    it reserves."""
+    from rayseg.config import PredictConfig
+
+    pool, resources, threads = actor_plan(cfg)
+    on_gpu = "num_gpus" in resources
+    opts = dataclasses.replace(PredictConfig.of(cfg), device="cuda" if on_gpu else "cpu")
+    return opts, actor_pool(pool, resources["num_cpus"] if on_gpu else 1), resources, threads
 
 
 def actor_pool(pool: tuple[int, int], calls: int = 1) -> ray.data.ActorPoolStrategy:

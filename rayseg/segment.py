@@ -10,7 +10,6 @@ predict and encode share one actor per core (`Segmenter`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 
 import ray
@@ -66,19 +65,16 @@ def build_plan(cfg: SegmentConfig, units: list[dict], bundle: ModelBundle, count
     read and encode stages finish; `devices` (a rayseg.devices.DeviceLog) what each predictor actor runs with.
     The predictor runs where the plan put it: on GPU actors CUDA or an EnvError, never a quiet fall back to CPU.
     """
-    pool, resources, threads = runtime.actor_plan(cfg)
-    on_gpu = "num_gpus" in resources
-    opts = dataclasses.replace(PredictConfig.of(cfg), device="cuda" if on_gpu else "cpu")
+    opts, compute, resources, threads = runtime.predictor_plan(cfg)
     # rows per call of each stage; with an automatic batch size a GPU actor gets the most it may choose and splits it
-    rows = cfg.batch_size or (MAX_AUTO_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
+    rows = cfg.batch_size or (MAX_AUTO_BATCH_SIZE if opts.device == "cuda" else CPU_BATCH_SIZE)
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     read_kw = {"storage_options": cfg.storage_options, "h5_key": cfg.h5_key, "image_column": cfg.image_column, "counter": counter}
     ds = ds.map_batches(progress.read_stage, batch_size=1, fn_kwargs=read_kw, num_cpus=runtime.READ_CPUS)
     encode_kw = {"num_classes": bundle.card.num_classes, "mask_format": cfg.mask_format, "objects": cfg.objects,
                  "min_area": cfg.min_area, "counter": counter}
-    calls = resources["num_cpus"] if on_gpu else 1  # a GPU actor runs a call per CPU it reserves
     return ds.map_batches(Segmenter, batch_size=rows, fn_constructor_args=(bundle, opts, threads, cfg.objects, cfg.max_pixels, encode_kw, devices),
-                          compute=runtime.actor_pool(pool, calls), **resources)
+                          compute=compute, **resources)
 
 
 def count_output(url: str, storage_options: dict) -> tuple[int, int, list[dict]]:
