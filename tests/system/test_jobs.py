@@ -138,13 +138,16 @@ class Cluster:
             while started_pids(self.tmp, self.sids) and time.monotonic() < deadline:
                 time.sleep(0.5)
 
-    def alive_nodes(self) -> int:
+    def nodes(self) -> list[dict]:
+        """The cluster's nodes as its dashboard lists them (node_id, state, ...)."""
         import urllib.request
 
         req = urllib.request.Request(f"{self.url}/api/v0/nodes?limit=10", headers={"Authorization": f"Bearer {self.token}"})
         with urllib.request.urlopen(req, timeout=30) as r:
-            nodes = json.load(r)["data"]["result"]["result"]
-        return sum(n["state"] == "ALIVE" for n in nodes)
+            return json.load(r)["data"]["result"]["result"]
+
+    def alive_nodes(self) -> int:
+        return sum(n["state"] == "ALIVE" for n in self.nodes())
 
     @property
     def url(self) -> str:
@@ -266,3 +269,38 @@ def test_jobs_on_a_two_node_cluster(cluster, tmp_path):
     assert status == "SUCCEEDED", logs[-3000:]
     assert (summary_of(logs)["shards_new"], summary_of(logs)["shards_skipped"], summary_of(logs)["rows"]) == (1, 3, 2)
     rows_once(tmp_path / "nightly", expected)
+
+
+@pytest.mark.timeout(2 * JOB_TIMEOUT + 60)
+def test_training_job_runs_one_worker_on_each_node_and_its_best_checkpoint_segments(cluster, tmp_path):
+    """DDP across the two nodes (one CPU each: one worker each, nothing else may need a CPU while they train), its
+    checkpoints in storage both reach, then `segment` with the best one."""
+    from rayseg.synth import write_archive
+
+    labelled = dict(labelled=True, generator="blobs", num_classes=2, min_size=32, max_size=32)
+    write_archive(str(tmp_path / "train"), "h5", 8, seed=1, **labelled)
+    write_archive(str(tmp_path / "val"), "h5", 4, seed=2, **labelled)
+    out = tmp_path / "model"
+    train = (f"python jobs/train.py --data {tmp_path}/train --val-data {tmp_path}/val --output {out} --model unet "
+             "--input-size 32 --num-classes 2 --epochs 2 --workers 2 --batch-size 4 --quiet")
+    status, logs = wait(cluster, submit(cluster, train))  # about 45 s here
+    assert status == "SUCCEEDED", logs[-3000:]
+
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and [h["epoch"] for h in summary["history"]] == [1, 2]
+    ranks = summary["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    cluster_nodes = {n["node_id"] for n in cluster.nodes() if n["state"] == "ALIVE"}
+    assert len({r["node_id"] for r in ranks}) == 2 and {r["node_id"] for r in ranks} == cluster_nodes, (ranks, cluster_nodes)
+    assert "epoch-0002" in os.listdir(out / "run") and (out / "run" / "epoch-0002" / "model.pt").is_file()
+    assert sorted(os.listdir(out / "best")) == ["model.json", "model.pt"]
+    assert json.loads((out / "best" / "model.json").read_text())["architecture"] == "unet"
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    expected = write_tar(inp / "a.tar", 3, 4)
+    segment = f"python jobs/segment.py {inp} --checkpoint {out}/best --output {tmp_path}/seg --batch-size 4 --quiet"
+    status, logs = wait(cluster, submit(cluster, segment))
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert (summary_of(logs)["rows"], summary_of(logs)["errors"]) == (3, 0)
+    rows_once(tmp_path / "seg", expected)
