@@ -169,7 +169,9 @@ def path_figures(name: str, big: dict, sm: dict, n_big: int, n_small: int, model
     }
     if name == "pipeline":
         entry.update({"startup_s": big["startup_s"], "exit_s": big["exit_s"], "spill_mb": big["spill_mb"],
-                      "errors": big["errors"] + sm["errors"]})
+                      "errors": big["errors"] + sm["errors"], **{f"startup_{k}": v for k, v in big["startup"].items()}})
+    else:  # the model ready, the loop about to start
+        entry["startup_s"] = big["e2e_s"] - big["run_s"]
     return entry
 
 
@@ -234,6 +236,18 @@ def _num(v, fmt: str = "{:.1f}") -> str:
     return "n/a" if v is None else fmt.format(v)
 
 
+def startup_line(p: dict, nv: dict, n: dict) -> str:
+    """Where each path's fixed cost went, in seconds after launch, and what the small run cost end to end."""
+    steps = [("interpreter", "interpreter_s"), ("command running", "command_s"), ("model checked", "model_checked_s"),
+             (f"Ray ready (dashboard {'on' if p.get('startup_dashboard') else 'off'})", "ray_ready_s"),
+             ("first predictor ready", "predictor_ready_s"), ("first batch", "first_batch_s")]
+    told = ", ".join(f"{name} {p['startup_' + key]:.1f}" for name, key in steps if p.get("startup_" + key) is not None)
+    return (f"start-up, s after launch: pipeline {told}; {n['large']} images done at {p['e2e_s']:.1f}, exited at {p['exit_s']:.1f}. "
+            f"naive: model ready {nv['startup_s']:.1f}, done at {nv['e2e_s']:.1f}\n"
+            f"small run, {n['small']} images end to end: naive {nv['small_e2e_s']:.1f} s, pipeline {p['small_e2e_s']:.1f} s "
+            f"({nv['small_e2e_s'] / p['small_e2e_s']:.2f}x naive)")
+
+
 def table(res: dict) -> str:
     c, m, n = res["config"], res["machine"], res["counts"]
     head = (f"rayseg bench: {c['checkpoint'] or c['model']}, batch {c['batch_size']}, input {c['input_size'] or 'checkpoint'}, "
@@ -251,8 +265,7 @@ def table(res: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [head] + ["  ".join(r[0].ljust(widths[0]) if i == 0 else r[i].rjust(widths[i]) for i in range(len(r))) for r in rows]
     t = res["targets"]
-    lines.append(f"pipeline start-up: {p['startup_s']:.1f} s to Ray ready (interpreter, imports, discovery, model check, ray.init); "
-                 f"{n['large']} images done {p['e2e_s']:.1f} s after launch, process exited at {p['exit_s']:.1f} s")
+    lines.append(startup_line(p, nv, n))
     for name, e in (("naive", nv), ("pipeline", p)):
         if e["steady_method"] != "difference":
             lines.append(f"note: {name} steady state is from the {e['steady_method']}")
@@ -263,7 +276,7 @@ def table(res: dict) -> str:
     cpu = m["gpu"] is None  # the CPU targets; on a GPU: >= 0.9x model-only and >= 3x naive (docs/PERFORMANCE.md)
     median = f" (median of {len(res['rounds'])} rounds)" if res.get("rounds") else ""
     lines.append(f"pipeline vs naive{median}: steady {_num(t['steady_vs_naive'], '{:.2f}')}x{' (target >= 1.0x)' if cpu else ''}, "
-                 f"end-to-end {_num(t['e2e_vs_naive'], '{:.2f}')}x{' (>= 0.8x)' if cpu else ''}; "
+                 f"end-to-end {_num(t['e2e_vs_naive'], '{:.2f}')}x{' (>= 0.85x)' if cpu else ''}; "
                  f"steady vs model-only {_num(t['steady_vs_model_only'], '{:.2f}')}x{' (>= 0.85x)' if cpu else ''}")
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ sampler that reads the memory, CPU time and GPU busy fraction of that process an
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import multiprocessing as mp
 import os
@@ -260,6 +261,16 @@ def segment_argv(cfg: dict, urls: list[str], out_dir: str) -> list[str]:
     return argv
 
 
+def startup_steps(summary: dict, interpreter_s: float, command_s: float) -> dict:
+    """Seconds after launch at which a pipeline run reached each step of its start-up (from its summary's timeline):
+    the interpreter up, the command running (imports done), Ray ready, the first predictor actor ready (a process,
+    torch, the model) and the first batch written out. Model check and Ray start overlap (runtime.ensure_ray_beside)."""
+    t = summary["timeline_s"]
+    steps = {"interpreter_s": interpreter_s, "command_s": command_s}
+    steps.update({f"{step}_s": command_s + t[step] for step in ("model_checked", "ray_ready", "predictor_ready", "first_batch") if step in t})
+    return {**{k: round(v, 3) for k, v in steps.items()}, "dashboard": t.get("dashboard")}
+
+
 def pipeline(cfg: dict, urls: list[str], out_dir: str) -> tuple[dict, dict]:
     """`rayseg segment` in a subprocess with its own embedded Ray; times from launch to the summary written."""
     # its own Ray, so start-up is part of the figure: "local" starts a new instance even where another Ray runs on
@@ -278,13 +289,14 @@ def pipeline(cfg: dict, urls: list[str], out_dir: str) -> tuple[dict, dict]:
         raise RuntimeError(f"rayseg segment failed (exit {proc.returncode}):\n{err[-3000:]}")
     child = json.loads(Path(info_file).read_text())
     summary = storage.read_json(storage.join(out_dir, "_rayseg.json"))
+    began = dt.datetime.fromisoformat(summary["started_at"]).timestamp()  # when segment() began, after the imports
     result = {
         "images": summary["images"],
         "errors": summary["errors"],
         "e2e_s": child["done_at"] - launched,
         "exit_s": exited - launched,
-        "startup_s": (child["started_at"] - launched) + summary["startup_s"],  # interpreter + imports + Ray ready
-        "ray_ready_s": child["started_at"] - launched + summary["startup_s"],
+        "startup_s": began - launched + summary["startup_s"],  # interpreter, imports, discovery, model check, Ray ready
+        "startup": startup_steps(summary, child["started_at"] - launched, began - launched),
         "run_s": summary["elapsed_s"] - summary["startup_s"],
         "spill_mb": None if child["spilled_bytes"] is None else round(child["spilled_bytes"] / 2**20, 1),
     }

@@ -93,6 +93,7 @@ OPTIONS: dict[str, Option] = {
     "address": Option(str | None, None, "Ray cluster address (default: RAY_ADDRESS, else start Ray embedded)"),
     "quiet": Option(bool, False, "no progress output"),
     "verbose": Option(bool, False, "show Ray's own log lines on the console"),
+    "dashboard": Option(bool, False, "start Ray's dashboard with an embedded Ray (a cluster keeps its own setting)"),
     # pool
     "actors": Option(str, "", "predictor actor pool size MIN:MAX (default: one per GPU, else one per --threads CPUs)", _actors),
     "threads": Option(int | None, None, "torch threads per CPU predictor actor (default: 1, or the CPUs / --actors)", _at_least(1)),
@@ -187,7 +188,7 @@ OPTIONS: dict[str, Option] = {
 }
 
 STORAGE = ("storage_options",)
-CLUSTER = ("address", "quiet", "verbose")
+CLUSTER = ("address", "quiet", "verbose", "dashboard")
 POOL = ("actors", "threads", "cpus_per_gpu")
 MODEL = ("model", "num_classes", "weights", "checkpoint", "input_size")
 READ = ("h5_key", "image_column", "max_pixels")
@@ -308,7 +309,7 @@ BenchConfig = compose("BenchConfig", MODEL, ("input", "count", "small_count", "i
                       defaults={"batch_size": 16}, check=_check_bench,
                       doc="`rayseg bench`: model-only, naive loop and pipeline on one archive.")
 
-DemoConfig = compose("DemoConfig", ("workdir", "address", "verbose"), defaults={"workdir": "rayseg-demo"},
+DemoConfig = compose("DemoConfig", ("workdir", "address", "verbose", "dashboard"), defaults={"workdir": "rayseg-demo"},
                      doc="`rayseg demo`: where to put everything, and which Ray to use.")
 
 

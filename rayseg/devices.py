@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 import uuid
 
 import numpy as np
@@ -168,7 +169,11 @@ def _same(a, b) -> bool:
 
 
 class DeviceLog:
-    """One run's reports, under a key of its own; picklable, so the actors get it as their `report` callable."""
+    """One run's reports, under a key of its own; picklable, so the actors get it as their `report` callable.
+
+    It also keeps when each of a run's first events happened (`stamp`): the first predictor ready, the first batch
+    done. The first writer of an event keeps it, so one small write per actor, not per batch.
+    """
 
     def __init__(self):
         self.prefix = f"devices/{uuid.uuid4().hex}/"
@@ -180,9 +185,20 @@ class DeviceLog:
         """The distinct setups reported, each with how many actors ran it."""
         groups: dict[str, dict] = {}
         for key in sorted(internal_kv._internal_kv_list(self.prefix, namespace=NAMESPACE)):
+            if b"/@" in key:  # a stamp, not a device
+                continue
             info = json.loads(internal_kv._internal_kv_get(key, namespace=NAMESPACE))
             groups.setdefault(repr(sorted(info.items())), {**info, "actors": 0})["actors"] += 1
         return list(groups.values())
+
+    def stamp(self, event: str) -> None:
+        """The wall-clock time of `event`, kept only if no actor stamped it before."""
+        internal_kv._internal_kv_put(f"{self.prefix}@{event}", repr(time.time()), overwrite=False, namespace=NAMESPACE)
+
+    def stamps(self) -> dict[str, float]:
+        """{event: wall-clock time} of what was stamped."""
+        keys = internal_kv._internal_kv_list(f"{self.prefix}@", namespace=NAMESPACE)
+        return {k.decode().rsplit("@", 1)[1]: float(internal_kv._internal_kv_get(k, namespace=NAMESPACE)) for k in keys}
 
     def clear(self) -> None:
         internal_kv._internal_kv_del(self.prefix, del_by_prefix=True, namespace=NAMESPACE)

@@ -66,7 +66,7 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
     bundle = load_bundle(cfg.checkpoint, storage_options=so)
     k = bundle.card.num_classes
     units, ignored = find_pairs(cfg.data, so)  # a wrong path fails here, before Ray starts
-    runtime.ensure_ray(cfg.address, cfg.quiet)
+    runtime.ensure_ray(cfg.address, cfg.quiet, cfg.dashboard)
     runtime.configure_data(cfg.quiet)
 
     cm, pairs, bad = ConfusionMatrix(k, ignore_index=None), 0, []

@@ -29,6 +29,21 @@ def _version(package: str) -> str | None:
         return None
 
 
+class Timeline:
+    """When a command reached each of its steps, in seconds since it began: its own marks, and the wall-clock
+    stamps its actors made (on a cluster, as exact as the nodes' clocks agree)."""
+
+    def __init__(self):
+        self.t0, self.wall0, self.marks = time.perf_counter(), time.time(), {}
+
+    def mark(self, step: str) -> float:
+        self.marks[step] = round(time.perf_counter() - self.t0, 3)
+        return self.marks[step]
+
+    def at(self, stamps: dict[str, float]) -> None:
+        self.marks.update({step: round(t - self.wall0, 3) for step, t in stamps.items()})
+
+
 def summary_tail(started: dt.datetime, t0: float) -> dict:
     """When the command ran and with what: the last fields of every summary."""
     from rayseg import __version__

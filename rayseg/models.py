@@ -245,9 +245,9 @@ def for_inference(model: nn.Module, device: torch.device, compile: bool = False)
 
 
 def state_dict_bytes(model: nn.Module) -> bytes:
-    """The model's state_dict on the CPU, serialised as `model.pt` holds it."""
+    """The model's state_dict on the CPU, contiguous (a channels_last model saves the same bytes), as `model.pt` holds it."""
     buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buf)
     return buf.getvalue()
 
 

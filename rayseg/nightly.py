@@ -87,7 +87,7 @@ def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, r
     from rayseg.segment import build_plan, work_units
     from rayseg.waves import WaveWriter
 
-    runtime.ensure_ray(cfg.address, cfg.quiet)
+    runtime.ensure_ray(cfg.address, cfg.quiet, cfg.dashboard)
     runtime.configure_data(cfg.quiet)
     units = work_units(pending)
     reporter = progress.Reporter(len(units)) if progress.wants_log_lines(cfg.quiet) else None

@@ -6,8 +6,8 @@ the embedded Ray's settings and the actor pool's size are decided the same way e
 
 from __future__ import annotations
 
-import io
 import dataclasses
+import io
 import logging
 import os
 import re
@@ -44,28 +44,89 @@ READ_CPUS, DECODE_CPUS, ENCODE_CPUS = 0.2, 0.25, 0.25
 WRITE_ARGS = {"num_cpus": ENCODE_CPUS}
 
 
-def ensure_ray(address: str | None, quiet: bool = False) -> None:
-    """Join the cluster at --address / RAY_ADDRESS, or start Ray embedded in this process.
+def ensure_ray(address: str | None, quiet: bool = False, dashboard: bool = False) -> None:
+    """Join the cluster at --address / RAY_ADDRESS, or start Ray embedded in this process (with its dashboard only
+    if asked: the embedded case does not need it, and it costs seconds of start-up, docs/PERFORMANCE.md).
 
-    A failure to start or reach Ray that has a known cause is an EnvError: one sentence with what to try.
+    A failure to start or reach Ray that has a known cause is an EnvError: one sentence with what to try. An address
+    where nothing accepts a connection says so in seconds, not after Ray's own connect budget (minutes).
     """
+    global dashboard_on
     if ray.is_initialized():
         return
     # "local" rather than None: ray.init() alone would quietly join whatever Ray already runs on this machine
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    extra = {"_system_config": LOCAL_SYSTEM_CONFIG} if address == "local" else {}
+    extra = {"_system_config": LOCAL_SYSTEM_CONFIG, "include_dashboard": dashboard} if address == "local" else {}
     level = logging.INFO if _console else logging.WARNING  # with a console, Ray's INFO lines go to its log file
     try:
-        ray.init(address=address, log_to_driver=not quiet, configure_logging=True, logging_level=level, **extra)
+        probe(address)
+        context = ray.init(address=address, log_to_driver=not quiet, configure_logging=True, logging_level=level, **extra)
     except Exception as e:  # noqa: BLE001 - a known cause becomes one sentence, anything else keeps its traceback
         sentence = start_failure(e, address)
         if sentence is None:
             raise
         log.debug("Ray did not start", exc_info=True)  # the whole story, in the log file where there is one
         raise EnvError(sentence) from None
+    dashboard_on = bool(getattr(context, "dashboard_url", None))
     if _console:
         _console.ray_started()
     log.info("Ray %s, resources %s", ray.__version__, {k: v for k, v in ray.cluster_resources().items() if "node:" not in k})
+
+
+def ensure_ray_beside(work, address: str | None, quiet: bool = False, dashboard: bool = False):
+    """ensure_ray, while `work()` (imports, the model check) runs on a thread; returns what work returns.
+
+    Ray's processes start while the driver does its own start-up work. Ray starts on this thread, not the other:
+    Linux ties a child's parent-death signal to the thread that started it (Ray's processes would die with a
+    finished thread), and only the main thread can set Ray's SIGTERM handler. If work fails, its error goes on
+    (a bad checkpoint is still one sentence), and a Ray started here is shut down first.
+    """
+    was_up, done, failed = ray.is_initialized(), [], []
+
+    def run():
+        try:
+            done.append(work())
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            failed.append(e)
+
+    thread = threading.Thread(target=run, name="rayseg-start-up", daemon=True)
+    thread.start()
+    try:
+        ensure_ray(address, quiet, dashboard)
+    finally:
+        thread.join()
+    if failed:
+        if not was_up and ray.is_initialized():
+            ray.shutdown()
+        raise failed[0]
+    return done[0]
+
+
+dashboard_on = False  # whether the Ray this process started or joined has a dashboard
+PROBE_S = 10.0  # how long an address may refuse connections before rayseg says nothing answers there
+
+
+def probe(address: str, within: float = PROBE_S) -> None:
+    """A ConnectionError unless something accepts a TCP connection at a host:port address within `within` seconds.
+
+    Ray itself retries a GCS that does not answer for many minutes before it gives up; a mistyped address or a
+    cluster that is down deserves the sentence at once. "local", "auto" and addresses without a port are Ray's to
+    resolve.
+    """
+    import socket
+
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address)
+    if m is None:
+        return
+    deadline, error = time.monotonic() + within, None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((m.group(1), int(m.group(2))), timeout=min(3.0, within)):
+                return
+        except OSError as e:  # refused, unreachable, no such host: tried again until the deadline
+            error = e
+            time.sleep(0.5)
+    raise ConnectionError(f"Failed to connect to Ray cluster at {address}: nothing accepted a connection in {within:g} s ({error})")
 
 
 def start_failure(e: Exception, address: str) -> str | None:
@@ -109,7 +170,7 @@ def cluster_summary() -> dict:
     return {"nodes": sum(n["Alive"] for n in ray.nodes()), "CPU": res.get("CPU", 0), "GPU": res.get("GPU", 0)}
 
 
-def actor_plan(cfg) -> tuple[tuple[int, int], dict, int]:
+def actor_plan(cfg, batches: int | None = None) -> tuple[tuple[int, int], dict, int]:
     """(pool min:max, ray resources per actor, torch threads per actor) from the cluster's resources.
 
     On GPUs (`--device cuda`, or `auto` on a cluster with GPUs up now): one GPU per actor, the pool growing
@@ -118,6 +179,8 @@ def actor_plan(cfg) -> tuple[tuple[int, int], dict, int]:
     (`--threads N`: one per N cores), all started at once. Independent models on separate cores beat one model
     spread over them with intra-op threads: no barrier between the cores, and while one actor encodes its batch
     the others compute (docs/PERFORMANCE.md). `--actors` fixes the pool; each then gets an equal share of the cores.
+    A job known to hold only `batches` batches gets no more CPU actors than that: each actor costs seconds of
+    start-up (a process, torch, the model), which a small job would spend on actors that get no work.
     """
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
@@ -134,17 +197,17 @@ def actor_plan(cfg) -> tuple[tuple[int, int], dict, int]:
         return pool, {"num_gpus": 1, "num_cpus": cpus_each}, 1
     fixed = actor_range(cfg.actors) if cfg.actors else None
     threads = cfg.threads or (max(1, cpus // fixed[1]) if fixed else 1)
-    pool = fixed or (max(1, cpus // threads),) * 2
+    pool = fixed or (max(1, min(cpus // threads, batches or cpus)),) * 2
     return pool, {"num_cpus": round(CPU_ACTOR_SHARE * min(threads, cpus / pool[1]), 4)}, threads
 
 
-def predictor_plan(cfg):
+def predictor_plan(cfg, batches: int | None = None):
     """(predict group, actor pool, ray resources per actor, torch threads) for a predictor stage: the device is where
     actor_plan placed the actors (CUDA on GPU actors, never a quiet fall back), and a GPU actor runs a call per CPU
     it reserves."""
     from rayseg.config import PredictConfig
 
-    pool, resources, threads = actor_plan(cfg)
+    pool, resources, threads = actor_plan(cfg, batches)
     on_gpu = "num_gpus" in resources
     opts = dataclasses.replace(PredictConfig.of(cfg), device="cuda" if on_gpu else "cpu")
     return opts, actor_pool(pool, resources["num_cpus"] if on_gpu else 1), resources, threads

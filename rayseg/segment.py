@@ -17,12 +17,9 @@ import ray
 from rayseg import layout, progress, runtime, storage
 from rayseg.cliutil import add_command, config_from, print_summary
 from rayseg.config import PredictConfig, SegmentConfig, public_config
-from rayseg.decode import decode_batch
-from rayseg.devices import DeviceLog, gathered
 from rayseg.errors import UserError
-from rayseg.models import ModelBundle, load_bundle
-from rayseg.objects import write_objects
-from rayseg.predict import CPU_BATCH_SIZE, MAX_AUTO_BATCH_SIZE, Predictor
+
+# torch is imported where it is used, not here: `rayseg segment` starts Ray while the driver imports it (segment())
 
 FILES_PER_UNIT = 16  # single image files are read 16 to a task: one task per file costs more in scheduling than in reading
 
@@ -47,16 +44,27 @@ class Segmenter:
     device, the others decode and encode, on the GPU's own node, and no decoded batch crosses the object store.
     """
 
-    def __init__(self, bundle: ModelBundle, opts: PredictConfig, threads: int, confidence_map: bool, max_pixels: int, encode_kw: dict,
+    def __init__(self, bundle, opts: PredictConfig, threads: int, confidence_map: bool, max_pixels: int, encode_kw: dict,
                  report=None):
+        from rayseg.predict import Predictor
+
         self.predictor = Predictor(bundle, opts, threads=threads, confidence_map=confidence_map, report=report)
         self.max_pixels, self.encode_kw = max_pixels, encode_kw
+        self.stamp = getattr(report, "stamp", None)  # a DeviceLog keeps when the first actor and batch were ready
+        if self.stamp:
+            self.stamp("predictor_ready")
 
     def __call__(self, batch: dict):
-        return progress.encode_stage(self.predictor(decode_batch(batch, self.max_pixels)), **self.encode_kw)
+        from rayseg.decode import decode_batch
+
+        out = progress.encode_stage(self.predictor(decode_batch(batch, self.max_pixels)), **self.encode_kw)
+        if self.stamp:
+            self.stamp("first_batch")
+            self.stamp = None
+        return out
 
 
-def build_plan(cfg: SegmentConfig, units: list[dict], bundle: ModelBundle, counter=None, devices=None):
+def build_plan(cfg: SegmentConfig, units: list[dict], bundle, counter=None, devices=None):
     """The whole Ray Data plan as one dataset of output rows (pyarrow tables with stats.SCHEMA).
 
     GPU: read (tasks) -> decode + predict + encode (`Segmenter`, one actor per GPU, --cpus-per-gpu calls at once).
@@ -65,7 +73,10 @@ def build_plan(cfg: SegmentConfig, units: list[dict], bundle: ModelBundle, count
     read and encode stages finish; `devices` (a rayseg.devices.DeviceLog) what each predictor actor runs with.
     The predictor runs where the plan put it: on GPU actors CUDA or an EnvError, never a quiet fall back to CPU.
     """
-    opts, compute, resources, threads = runtime.predictor_plan(cfg)
+    from rayseg.predict import CPU_BATCH_SIZE, MAX_AUTO_BATCH_SIZE
+
+    files = sum(len(u["urls"]) for u in units) if all(u["kind"] == "image" for u in units) else None  # else unknown
+    opts, compute, resources, threads = runtime.predictor_plan(cfg, files and -(-files // (cfg.batch_size or CPU_BATCH_SIZE)))
     # rows per call of each stage; with an automatic batch size a GPU actor gets the most it may choose and splits it
     rows = cfg.batch_size or (MAX_AUTO_BATCH_SIZE if opts.device == "cuda" else CPU_BATCH_SIZE)
     ds = ray.data.from_items(units, override_num_blocks=len(units))
@@ -94,17 +105,28 @@ def count_output(url: str, storage_options: dict) -> tuple[int, int, list[dict]]
 def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
     """Run `rayseg segment`; returns the summary that is also written to OUT/_rayseg.json."""
     cfg = config if config is not None else config_from(SegmentConfig, kwargs)
-    started, t0 = layout.now(), time.perf_counter()
+    started, t0, clock = layout.now(), time.perf_counter(), layout.Timeline()
     so = cfg.storage_options
     shards, ignored = storage.discover(cfg.inputs, so)
     if storage.is_nonempty(cfg.output, so):
         if not cfg.overwrite:
             raise UserError(f"the output {cfg.output} is not empty; pass --overwrite to replace it")
         storage.remove(cfg.output, so)
-    bundle = load_bundle(cfg.checkpoint, cfg.model, cfg.num_classes, cfg.weights, cfg.input_size, so)
-    runtime.ensure_ray(cfg.address, cfg.quiet)
+    clock.mark("discovered")
+
+    def check_model():  # torch loads and the model is checked while Ray starts
+        from rayseg.models import load_bundle
+
+        bundle = load_bundle(cfg.checkpoint, cfg.model, cfg.num_classes, cfg.weights, cfg.input_size, so)
+        clock.mark("model_checked")
+        return bundle
+
+    bundle = runtime.ensure_ray_beside(check_model, cfg.address, cfg.quiet, cfg.dashboard)
+    from rayseg.devices import DeviceLog, gathered
+    from rayseg.objects import write_objects
+
     runtime.configure_data(cfg.quiet)
-    startup_s = round(time.perf_counter() - t0, 3)
+    startup_s = clock.mark("ray_ready")
 
     units = work_units(shards)
     images_url = storage.join(cfg.output, layout.IMAGES_DIR)
@@ -115,6 +137,8 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
             plan = build_plan(cfg, units, bundle, reporter and reporter.counter, device_log)
             plan.write_parquet(images_path, filesystem=pa_fs, ray_remote_args=runtime.WRITE_ARGS)
             devices = device_log.devices()
+            clock.at(device_log.stamps())
+        clock.mark("written")
         rows, errors, examples = storage.retry(count_output, images_url, so, what="reading the output back")
         if reporter:
             reporter.finish(rows)
@@ -138,6 +162,7 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
         "devices": devices,
         "config": public_config(cfg),
         "startup_s": startup_s,
+        "timeline_s": {**clock.marks, "dashboard": runtime.dashboard_on},
         **layout.summary_tail(started, t0),
     }
     storage.write_json(storage.join(cfg.output, layout.SUMMARY_FILE), summary, so)

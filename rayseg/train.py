@@ -301,7 +301,7 @@ def build_datasets(cfg: TrainConfig) -> TrainData:
     so = cfg.storage_options
     train_units, ignored = find_pairs(cfg.data, so)  # a wrong path fails here, before Ray starts
     val_units, val_ignored = find_pairs(cfg.val_data, so)
-    ensure_ray(cfg.address, cfg.quiet)
+    ensure_ray(cfg.address, cfg.quiet, cfg.dashboard)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus, gpus = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
     if cpus < cfg.workers or (cfg.use_gpu and gpus < cfg.workers):

@@ -15,7 +15,7 @@ FIGURES = {
     "model_only": ("images_per_s", "ratio", "peak_rss_mb", "cpu_ms_per_image"),
     "naive": ("steady_images_per_s", "steady_ratio", "e2e_images_per_s", "e2e_ratio", "e2e_s", "peak_rss_mb", "memory_growth", "cpu_ms_per_image"),
     "pipeline": ("steady_images_per_s", "steady_ratio", "e2e_images_per_s", "e2e_ratio", "e2e_s", "peak_rss_mb", "memory_growth", "cpu_ms_per_image",
-                 "startup_s", "exit_s"),
+                 "startup_s", "exit_s", "startup_command_s", "startup_ray_ready_s", "startup_predictor_ready_s", "startup_first_batch_s"),
     "targets": ("steady_vs_naive", "steady_vs_model_only", "e2e_vs_naive"),
 }
 
@@ -34,6 +34,9 @@ def test_bench_produces_every_figure(tmp_path, capsys):
         for key in keys:
             assert positive(res[section][key]), f"{section}.{key} = {res[section].get(key)!r}"
     assert res["counts"] == {"large": 24, "small": 8}
+    p = res["pipeline"]  # the start-up steps in the order they happen, all before the run is done
+    steps = [p[f"startup_{k}_s"] for k in ("command", "ray_ready", "predictor_ready", "first_batch")]
+    assert steps == sorted(steps) and steps[-1] < p["e2e_s"] and p["startup_dashboard"] is False
     assert len(res["rounds"]) == 2  # --repeat 2: each round's ratios, and their median above
     for r in res["rounds"]:
         for key in (*FIGURES["targets"], "memory_growth"):

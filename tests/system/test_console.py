@@ -100,8 +100,7 @@ def test_a_run_in_a_terminal_shows_rayseg_progress_and_puts_rays_lines_in_a_file
 
 
 def test_ray_that_cannot_be_reached_is_one_sentence_and_exit_1(tmp_path, env):
-    # Ray's connect waits, shortened (by default one failed attempt takes ~40 s and it makes 20)
-    env.update(RAY_gcs_server_port_wait_time_s="1", RAY_py_gcs_connect_timeout_s="3", RAY_gcs_rpc_server_connect_timeout_s="1")
+    # Ray's own connect budget is untouched (one failed attempt takes ~40 s and it makes 20): rayseg asks first
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(b"")  # an input to discover; the run fails before reading it
@@ -112,12 +111,9 @@ def test_ray_that_cannot_be_reached_is_one_sentence_and_exit_1(tmp_path, env):
     lines = screen_lines(text)
     assert rc == 1, text
     assert "Traceback" not in text and "rpc_client" not in text and "gcs_client" not in text, text
-    assert len(lines) == 2, lines
-    assert lines[0] == (f"rayseg segment: error: no Ray cluster answered at {address}: check the address and that the cluster is up "
-                        "(`ray status` on its head node), or leave out --address and RAY_ADDRESS to start Ray here")
-    assert lines[1].startswith("Ray's own log lines: ")
-    assert "Failed to connect to GCS" in open(lines[1].split(": ", 1)[1], encoding="utf-8").read()
-    assert time.monotonic() - t0 < 120
+    assert lines == [f"rayseg segment: error: no Ray cluster answered at {address}: check the address and that the cluster is up "
+                     "(`ray status` on its head node), or leave out --address and RAY_ADDRESS to start Ray here"], lines
+    assert time.monotonic() - t0 < 60  # the probe's 10 s and the start-up around it, not Ray's many minutes
 
     # with no terminal (a job's log) it is the same sentence as the last line, exit 1, no traceback
     proc = subprocess.run([sys.executable, "-m", "rayseg.cli", *args], env=env, capture_output=True, text=True, timeout=180)
@@ -143,3 +139,24 @@ def test_each_known_start_failure_is_one_sentence_with_what_to_try(error, starts
 
 def test_an_unknown_start_failure_keeps_its_traceback():
     assert start_failure(ValueError("something nobody has seen"), "local") is None
+
+
+def test_the_address_probe_answers_in_seconds():
+    """A listening port passes at once; a closed one is a ConnectionError after the probe's own wait, which
+    start_failure turns into the sentence; Ray's own names ("local", "auto") are left to Ray."""
+    import socket
+
+    from rayseg.runtime import probe
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        probe(f"127.0.0.1:{s.getsockname()[1]}", within=2)
+        probe(f"ray://127.0.0.1:{s.getsockname()[1]}", within=2)
+    address = f"127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError) as e:
+        probe(address, within=1.5)
+    assert 1.5 <= time.monotonic() - t0 < 10
+    assert start_failure(e.value, address).startswith(f"no Ray cluster answered at {address}")
+    probe("local", within=0.1), probe("auto", within=0.1)

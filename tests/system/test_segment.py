@@ -93,6 +93,11 @@ def test_mixed_shards_locally(ray_local, tmp_path):
     assert summary["ignored_files"] == [f"file://{tmp_path}/in/files/notes.txt"]
     assert json.loads((out / "_rayseg.json").read_text())["rows"] == len(expected)
     assert pads.dataset(str(out / "images")).schema.field("height").type == pa.int32()
+    # where the start-up went: each step after the one before it, the last one when the rows were written
+    t = summary["timeline_s"]
+    steps = ["discovered", "model_checked", "ray_ready", "predictor_ready", "first_batch", "written"]
+    assert [t[s] for s in steps] == sorted(t[s] for s in steps) and t["written"] <= summary["elapsed_s"], t
+    assert t["dashboard"] is False
     # a tar sample's image_id names the shard and the member key; the shard column names the shard
     assert df.loc[df["image_id"].str.endswith("::sample0"), "shard"].item() == f"file://{tmp_path}/in/shard.tar"
 
@@ -155,3 +160,7 @@ def test_cpu_actor_plan_uses_every_core_and_leaves_room_for_the_light_stages(ray
     assert pool == (1, 1) and threads == 2
     pool, res, threads = plan(actors="4")  # more actors than cores: each a smaller share, still within the machine
     assert pool == (4, 4) and threads == 1 and 4 * res["num_cpus"] < cpus
+    # a job known to be one batch starts one actor, not one per core; an unknown or larger one, one per core
+    cfg = SegmentConfig(inputs=("x",), output="y", device="cpu")
+    assert actor_plan(cfg, batches=1)[0] == (1, 1)
+    assert actor_plan(cfg, batches=5)[0] == actor_plan(cfg, batches=None)[0] == (2, 2)
