@@ -168,15 +168,19 @@ def test_train_cli_rejects_bce_with_three_classes(tmp_path, capsys):
     assert "bce_dice" in capsys.readouterr().err
 
 
-def test_train_cli_missing_data_is_one_line_before_ray_starts(tmp_path, capsys):
-    import ray
+def test_train_cli_missing_data_is_one_line_before_ray_starts(tmp_path):
+    """In a process of its own, so that no Ray another test started is there: exit 2, one line, and Ray never
+    started (its start would log "Started a local Ray instance" and make a session folder)."""
+    import os
+    import subprocess
+    import sys
 
-    from rayseg.cli import main
-
-    assert main(["train", "--data", str(tmp_path / "nope"), "--val-data", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert "does not exist" in err and len(err.strip().splitlines()) == 1
-    assert not ray.is_initialized()
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}
+    proc = subprocess.run([sys.executable, "-m", "rayseg.cli", "train", "--data", str(tmp_path / "nope"), "--val-data", str(tmp_path),
+                           "--output", str(tmp_path / "o")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "does not exist" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "ray").exists()
 
 
 def test_instance_masks_train_in_binary_mode(tmp_path):
