@@ -102,10 +102,12 @@ def count_output(url: str, storage_options: dict) -> tuple[int, int, list[dict]]
     return table.num_rows, errors.num_rows, examples
 
 
-def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
-    """Run `rayseg segment`; returns the summary that is also written to OUT/_rayseg.json."""
-    cfg = config if config is not None else config_from(SegmentConfig, kwargs)
-    started, t0, clock = layout.now(), time.perf_counter(), layout.Timeline()
+def start_up(cfg: SegmentConfig, clock: layout.Timeline):
+    """(shards, ignored files, model bundle) once the inputs are found, the output is free and Ray is ready.
+
+    Bad inputs and a taken output fail before Ray starts. Then Ray starts while torch loads and the model is
+    checked (runtime.ensure_ray_beside): the two biggest fixed costs of a small job, side by side.
+    """
     so = cfg.storage_options
     shards, ignored = storage.discover(cfg.inputs, so)
     if storage.is_nonempty(cfg.output, so):
@@ -114,7 +116,7 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
         storage.remove(cfg.output, so)
     clock.mark("discovered")
 
-    def check_model():  # torch loads and the model is checked while Ray starts
+    def check_model():
         from rayseg.models import load_bundle
 
         bundle = load_bundle(cfg.checkpoint, cfg.model, cfg.num_classes, cfg.weights, cfg.input_size, so)
@@ -122,11 +124,20 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
         return bundle
 
     bundle = runtime.ensure_ray_beside(check_model, cfg.address, cfg.quiet, cfg.dashboard)
+    runtime.configure_data(cfg.quiet)
+    clock.mark("ray_ready")
+    return shards, ignored, bundle
+
+
+def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
+    """Run `rayseg segment`; returns the summary that is also written to OUT/_rayseg.json."""
+    cfg = config if config is not None else config_from(SegmentConfig, kwargs)
+    started, t0, clock = layout.now(), time.perf_counter(), layout.Timeline()
+    so = cfg.storage_options
+    shards, ignored, bundle = start_up(cfg, clock)
+    startup_s = clock.marks["ray_ready"]
     from rayseg.devices import DeviceLog, gathered
     from rayseg.objects import write_objects
-
-    runtime.configure_data(cfg.quiet)
-    startup_s = clock.mark("ray_ready")
 
     units = work_units(shards)
     images_url = storage.join(cfg.output, layout.IMAGES_DIR)

@@ -5,11 +5,10 @@
 
 Each epoch: augment (random scale, crop/pad, flips) on a thread of its own (rayseg.feed), cross-entropy + Dice,
 step; then validate exactly as `rayseg segment` predicts (the same Predictor) and `ray.train.report` the metrics
-with a checkpoint:
-OUTPUT/run/epoch-NNNN/ holds model.pt + model.json (a rayseg checkpoint) and train_state.pt (optimizer etc.).
-After the last epoch the best checkpoint by validation mIoU is copied to OUTPUT/best/, and
-OUTPUT/train_summary.json is written. Starting the same command again resumes the run from its last
-checkpoint (Ray Train resumes a RunConfig(name, storage_path) it finds in storage); a finished run says so.
+with a checkpoint: OUTPUT/run/epoch-NNNN/ holds model.pt + model.json (a rayseg checkpoint) and train_state.pt.
+The best checkpoint by validation mIoU is then copied to OUTPUT/best/, and OUTPUT/train_summary.json written.
+The same command again resumes the run from its last checkpoint (Ray Train resumes a RunConfig(name,
+storage_path) it finds in storage); a finished run says so.
 """
 
 from __future__ import annotations
@@ -62,9 +61,8 @@ def wants_sync_batchnorm(device_type: str, world: int, batch_size: int) -> bool:
 
 
 def build_training(cfg: TrainConfig, train_rows: int, world: int, device: torch.device, in_channels: int = 3):
-    """(model wrapped for DDP, optimizer, LR scheduler, run state): new, or restored from the run's last checkpoint.
-    The state records how the model ran (`sync_batchnorm`, `channels_last`); its checkpoints hold plain batch norm
-    keys either way (SyncBatchNorm's state dict is BatchNorm's), so segment loads them as they are."""
+    """(model wrapped for DDP, optimizer, LR scheduler, run state): new, or from the run's last checkpoint. The state
+    records `sync_batchnorm` and `channels_last`; checkpoints keep BatchNorm's keys either way, as segment loads them."""
     import ray.train
     import ray.train.torch
 
