@@ -10,7 +10,6 @@ predict and encode share one actor per core (`Segmenter`).
 from __future__ import annotations
 
 import contextlib
-import time
 
 import ray
 
@@ -75,8 +74,10 @@ def build_plan(cfg: SegmentConfig, units: list[dict], bundle, counter=None, devi
     """
     from rayseg.predict import CPU_BATCH_SIZE, MAX_AUTO_BATCH_SIZE
 
-    files = sum(len(u["urls"]) for u in units) if all(u["kind"] == "image" for u in units) else None  # else unknown
-    opts, compute, resources, threads = runtime.predictor_plan(cfg, files and -(-files // (cfg.batch_size or CPU_BATCH_SIZE)))
+    # how many batches the job holds, where that is known before reading: image files only
+    files = sum(len(u["urls"]) for u in units) if all(u["kind"] == "image" for u in units) else 0
+    batches = -(-files // (cfg.batch_size or CPU_BATCH_SIZE)) if files else None
+    opts, compute, resources, threads = runtime.predictor_plan(cfg, batches)
     # rows per call of each stage; with an automatic batch size a GPU actor gets the most it may choose and splits it
     rows = cfg.batch_size or (MAX_AUTO_BATCH_SIZE if opts.device == "cuda" else CPU_BATCH_SIZE)
     ds = ray.data.from_items(units, override_num_blocks=len(units))
@@ -132,7 +133,7 @@ def start_up(cfg: SegmentConfig, clock: layout.Timeline):
 def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
     """Run `rayseg segment`; returns the summary that is also written to OUT/_rayseg.json."""
     cfg = config if config is not None else config_from(SegmentConfig, kwargs)
-    started, t0, clock = layout.now(), time.perf_counter(), layout.Timeline()
+    started, clock = layout.now(), layout.Timeline()
     so = cfg.storage_options
     shards, ignored, bundle = start_up(cfg, clock)
     startup_s = clock.marks["ray_ready"]
@@ -174,7 +175,7 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
         "config": public_config(cfg),
         "startup_s": startup_s,
         "timeline_s": {**clock.marks, "dashboard": runtime.dashboard_on},
-        **layout.summary_tail(started, t0),
+        **layout.summary_tail(started, clock.t0),
     }
     storage.write_json(storage.join(cfg.output, layout.SUMMARY_FILE), summary, so)
     return summary
