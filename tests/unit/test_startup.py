@@ -1,0 +1,40 @@
+"""Ray-free parts of start-up: the address probe and the start-up timeline (runtime.probe, layout.Timeline)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from conftest import free_port
+from rayseg.layout import Timeline
+from rayseg.runtime import start_failure
+
+
+def test_the_address_probe_answers_in_seconds():
+    """A listening port passes at once; a closed one is a ConnectionError after the probe's own wait, which
+    start_failure turns into the sentence; Ray's own names ("local", "auto") are left to Ray."""
+    from rayseg.runtime import probe
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        probe(f"127.0.0.1:{s.getsockname()[1]}", within=2)
+        probe(f"ray://127.0.0.1:{s.getsockname()[1]}", within=2)
+    address = f"127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError) as e:
+        probe(address, within=1.5)
+    assert 1.5 <= time.monotonic() - t0 < 10
+    assert start_failure(e.value, address).startswith(f"no Ray cluster answered at {address}")
+    probe("local", within=0.1), probe("auto", within=0.1)
+
+
+def test_the_timeline_puts_marks_and_actor_stamps_on_one_clock():
+    clock = Timeline()
+    time.sleep(0.05)
+    assert clock.mark("discovered") >= 0.05
+    clock.at({"first_batch": clock.wall0 + 1.5, "predictor_ready": clock.wall0 + 1.25})  # wall-clock stamps of actors
+    assert clock.marks["first_batch"] == 1.5 and clock.marks["predictor_ready"] == 1.25
+    assert list(clock.marks) == ["discovered", "first_batch", "predictor_ready"]
