@@ -90,7 +90,7 @@ OPTIONS: dict[str, Option] = {
     # storage
     "storage_options": Option(dict, {}, "fsspec storage options as JSON, e.g. '{\"endpoint_url\": ...}'"),
     # cluster
-    "address": Option(str | None, None, "Ray cluster address (default: RAY_ADDRESS, else start Ray embedded)"),
+    "address": Option(str | None, None, "Ray cluster address (default: RAY_ADDRESS, else the Ray that `ray start` runs on this machine, else start Ray embedded; `local`: always embedded)"),
     "quiet": Option(bool, False, "no progress output"),
     "verbose": Option(bool, False, "show Ray's own log lines on the console"),
     "dashboard": Option(bool, False, "start Ray's dashboard with an embedded Ray (a cluster keeps its own setting)"),

@@ -51,11 +51,10 @@ def ensure_ray(address: str | None, quiet: bool = False, dashboard: bool = False
     A failure to start or reach Ray that has a known cause is an EnvError: one sentence with what to try. An address
     where nothing accepts a connection says so in seconds, not after Ray's own connect budget (minutes).
     """
-    global dashboard_on
+    global dashboard_on, joined
     if ray.is_initialized():
         return
-    # "local" rather than None: ray.init() alone would quietly join whatever Ray already runs on this machine
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    address = ray_address(address)
     extra = {"_system_config": LOCAL_SYSTEM_CONFIG, "include_dashboard": dashboard} if address == "local" else {}
     level = logging.INFO if _console else logging.WARNING  # with a console, Ray's INFO lines go to its log file
     try:
@@ -68,6 +67,7 @@ def ensure_ray(address: str | None, quiet: bool = False, dashboard: bool = False
         log.debug("Ray did not start", exc_info=True)  # the whole story, in the log file where there is one
         raise EnvError(sentence) from None
     dashboard_on = bool(getattr(context, "dashboard_url", None))
+    joined = None if address == "local" else address
     if _console:
         _console.ray_started()
     log.info("Ray %s, resources %s", ray.__version__, {k: v for k, v in ray.cluster_resources().items() if "node:" not in k})
@@ -102,7 +102,36 @@ def ensure_ray_beside(work, address: str | None, quiet: bool = False, dashboard:
     return done[0]
 
 
+def ray_address(address: str | None) -> str:
+    """Where a command's Ray is: --address, else RAY_ADDRESS, else the Ray `ray start` runs on this machine, else
+    "local" (embedded). "local" rather than None: ray.init() alone would also join another program's Ray."""
+    return address or os.environ.get("RAY_ADDRESS") or running_local_ray() or "local"
+
+
+def running_local_ray() -> str | None:
+    """The address of the Ray that `ray start --head` runs on this machine, if its GCS is up; else None.
+
+    A command without --address joins it (and says so) instead of starting a Ray of its own: the Ray start and the
+    worker processes it keeps warm are then paid once, not by every command. Only a Ray that `ray start` announced
+    (RAY_TMPDIR or /tmp/ray `ray_current_cluster`) and whose GCS process is alive counts: a stale file, or another
+    program's embedded Ray, does not. `--address local` always starts a private embedded Ray.
+    """
+    from ray._private.services import find_bootstrap_address, find_gcs_addresses
+
+    try:
+        address = find_bootstrap_address(None)
+        if not address or address not in find_gcs_addresses():
+            return None
+    except Exception:  # noqa: BLE001 - an unreadable temp dir or process table: start embedded, as without one
+        log.debug("looking for a running Ray failed", exc_info=True)
+        return None
+    log.info("joining the Ray already running on this machine at %s (from `ray start`); --address local starts a "
+             "private one instead", address)
+    return address
+
+
 dashboard_on = False  # whether the Ray this process started or joined has a dashboard
+joined: str | None = None  # the address of the Ray this process joined; None where it started its own
 PROBE_S = 10.0  # how long an address may refuse connections before rayseg says nothing answers there
 
 

@@ -174,7 +174,7 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
         "devices": devices,
         "config": public_config(cfg),
         "startup_s": startup_s,
-        "timeline_s": {**clock.marks, "dashboard": runtime.dashboard_on},
+        "timeline_s": {**clock.marks, "dashboard": runtime.dashboard_on, "ray_joined": runtime.joined},
         **layout.summary_tail(started, clock.t0),
     }
     storage.write_json(storage.join(cfg.output, layout.SUMMARY_FILE), summary, so)

@@ -38,3 +38,19 @@ def test_the_timeline_puts_marks_and_actor_stamps_on_one_clock():
     clock.at({"first_batch": clock.wall0 + 1.5, "predictor_ready": clock.wall0 + 1.25})  # wall-clock stamps of actors
     assert clock.marks["first_batch"] == 1.5 and clock.marks["predictor_ready"] == 1.25
     assert list(clock.marks) == ["discovered", "first_batch", "predictor_ready"]
+
+
+def test_a_command_joins_only_a_ray_that_ray_start_announced_and_whose_gcs_is_up(tmp_path, monkeypatch):
+    """Without --address and RAY_ADDRESS a command starts embedded, unless `ray start` announced a Ray on this machine
+    whose GCS process is up (tests/system/test_console.py joins a real one); --address and RAY_ADDRESS win."""
+    from rayseg.runtime import ray_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    assert ray_address(None) == "local"  # nothing announced
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # announced, then stopped
+    assert ray_address(None) == "local"
+    assert ray_address("local") == "local" and ray_address("10.0.0.5:6379") == "10.0.0.5:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.6:6379")
+    assert ray_address(None) == "10.0.0.6:6379" and ray_address("local") == "local"
