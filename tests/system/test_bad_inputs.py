@@ -136,6 +136,7 @@ def corpus_run(ray_local, tmp_path_factory):
     return expected, df.set_index("key"), summary, base
 
 
+@pytest.mark.flow("bad-inputs")
 def test_one_row_per_input_and_no_duplicates(corpus_run):
     expected, df, summary, _ = corpus_run
     assert df.index.is_unique, df.index[df.index.duplicated()].tolist()

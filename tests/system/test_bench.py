@@ -25,6 +25,7 @@ def positive(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
 
 
+@pytest.mark.flow("bench")
 def test_bench_produces_every_figure(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--count", "24", "--small-count", "8", "--model", "unet", "--input-size", "64",

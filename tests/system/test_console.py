@@ -71,6 +71,7 @@ def env(tmp_path):
     return e
 
 
+@pytest.mark.flow("terminal", "embedded-start")
 def test_a_run_in_a_terminal_shows_rayseg_progress_and_puts_rays_lines_in_a_file(tmp_path, env):
     from rayseg.synth import write_archive
 
@@ -142,6 +143,7 @@ def test_an_unknown_start_failure_keeps_its_traceback():
 
 
 
+@pytest.mark.flow("ray-start-joined")
 def test_a_command_joins_the_ray_that_ray_start_runs_here_and_says_so(tmp_path, env):
     """With a `ray start --head` up on this machine, `rayseg segment` without --address joins it (one line says so)
     instead of starting a Ray of its own (tests/unit/test_startup.py: `--address local`, a stale announcement). The

@@ -15,6 +15,7 @@ from rayseg.demo import MARKER, demo, report
 from rayseg.errors import UserError
 
 
+@pytest.mark.flow("demo")
 def test_reduced_demo_runs_end_to_end_and_prints_paths(ray_local, tmp_path):
     workdir = tmp_path / "demo"
     r = demo(str(workdir), train_count=16, val_count=4, test_count=4, unlabelled_count=4, size=32, epochs=1, batch_size=4)

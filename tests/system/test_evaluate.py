@@ -51,6 +51,7 @@ def plain_predict(checkpoint: str, image: np.ndarray) -> np.ndarray:
     return logits[0].argmax(0).numpy()
 
 
+@pytest.mark.flow("evaluate")
 def test_evaluate_matches_single_process_numpy(ray_local, tmp_path, checkpoint):
     info = write_archive(str(tmp_path / "data"), "folders", 10, labelled=True, seed=5, num_classes=3, min_size=24, max_size=48)
     result = evaluate(checkpoint=checkpoint, data=(str(tmp_path / "data"),), json=str(tmp_path / "eval.json"), batch_size=4, quiet=True)

@@ -76,6 +76,7 @@ def predictor_workers(ray_mod) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.flow("actor-killed")
 def test_predictor_actor_sigkilled_mid_run(ray_local, tmp_path):
     ids = write_images(tmp_path / "in", N_IMAGES)
     out = tmp_path / "out"
@@ -168,6 +169,7 @@ NODE_SCRIPT = textwrap.dedent(r'''
 ''')
 
 
+@pytest.mark.flow("node-removed")
 def test_worker_node_removed_mid_run(tmp_path):
     ids = write_images(tmp_path / "in", N_IMAGES, seed=1)
     out = tmp_path / "out"
@@ -287,6 +289,7 @@ class FaultProxy:
         self.sock.close()
 
 
+@pytest.mark.flow("storage-outage", "s3")
 def test_object_storage_fails_for_a_while(ray_local, s3, tmp_path):
     import fsspec
 

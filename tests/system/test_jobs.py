@@ -126,6 +126,7 @@ def rows_once(out: Path, expected: set[str]) -> None:
 OPTS = "--model unet --input-size 32 --batch-size 4 --quiet"
 
 
+@pytest.mark.flow("two-node-cluster", "job-submit")
 @pytest.mark.timeout(600)
 def test_jobs_on_a_two_node_cluster(cluster, tmp_path):
     assert cluster.alive_nodes() == 2
@@ -172,6 +173,7 @@ def test_jobs_on_a_two_node_cluster(cluster, tmp_path):
     rows_once(tmp_path / "nightly", expected)
 
 
+@pytest.mark.flow("ddp-across-nodes")
 @pytest.mark.timeout(2 * JOB_TIMEOUT + 60)
 def test_training_job_runs_one_worker_on_each_node_and_its_best_checkpoint_segments(cluster, tmp_path):
     """DDP across the two nodes (one CPU each: one worker each, nothing else may need a CPU while they train), its

@@ -58,6 +58,7 @@ def test_the_sample_images_are_what_the_readme_says():
     assert labels.max() > 100  # instance ids, not classes
 
 
+@pytest.mark.flow("real-images")
 def test_stardist_nuclei_train_and_segment_then_ct_and_coins_are_reported(ray_local, tmp_path):
     import pydicom
     import skimage.data

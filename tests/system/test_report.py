@@ -40,6 +40,7 @@ def chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.flow("browser")
 def test_report_page(segmented, tmp_path):
     root, out = segmented
     page, pngs = tmp_path / "report.html", tmp_path / "png"

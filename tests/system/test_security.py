@@ -113,6 +113,7 @@ def secret_run(s3_server, tmp_path_factory):
             "bucket": bucket, "digest": _digest(ckpt)}
 
 
+@pytest.mark.flow("secrets")
 def test_credentials_never_reach_logs_summary_or_output(secret_run):
     import pyarrow as pa
     import pyarrow.parquet as pq

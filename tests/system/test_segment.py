@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import pytest
 from pycocotools import mask as coco_mask
 
 from conftest import png_bytes, random_image, tar_bytes
@@ -81,6 +82,7 @@ def check_output(df: pd.DataFrame, expected: dict[str, str | None], prefix: str)
             assert pd.isna(r["mask_png"]) and pd.isna(r["height"])
 
 
+@pytest.mark.flow("embedded-ray")
 def test_mixed_shards_locally(ray_local, tmp_path):
     fs = fsspec.filesystem("file")
     expected = build_archive(fs, str(tmp_path / "in"))
@@ -102,6 +104,7 @@ def test_mixed_shards_locally(ray_local, tmp_path):
     assert df.loc[df["image_id"].str.endswith("::sample0"), "shard"].item() == f"file://{tmp_path}/in/shard.tar"
 
 
+@pytest.mark.flow("s3")
 def test_inputs_and_output_on_s3(ray_local, s3):
     bucket, opts = s3
     fs = fsspec.filesystem("s3", **opts)

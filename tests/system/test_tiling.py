@@ -99,6 +99,7 @@ class PeakRSS(threading.Thread):
             self.total, self.largest = max(self.total, sum(rss.values())), max(self.largest, max(rss.values()))
 
 
+@pytest.mark.flow("large-image")
 def test_large_image_segment_bounded_memory_with_progress(ray_local, tmp_path, caplog, monkeypatch):
     big = cv2.resize(np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8), (4000, 3000), interpolation=cv2.INTER_LINEAR)
     (tmp_path / "in").mkdir()

@@ -97,6 +97,7 @@ def blobs_run(ray_local, tmp_path_factory):
     return {"root": root, "out": out, "summary": summary, "killed": killed}
 
 
+@pytest.mark.flow("ddp")
 def test_ddp_run_writes_checkpoints_best_and_metrics(blobs_run):
     s, out = blobs_run["summary"], blobs_run["out"]
     assert s["workers"] == 2 and s["epochs_completed"] == EPOCHS
@@ -119,6 +120,7 @@ def test_ddp_run_writes_checkpoints_best_and_metrics(blobs_run):
     assert json.loads((out / "train_summary.json").read_text())["best_epoch"] == s["best_epoch"]
 
 
+@pytest.mark.flow("train-worker-killed")
 def test_killed_worker_resumes_from_last_checkpoint(blobs_run):
     s = blobs_run["summary"]
     killed = blobs_run["killed"]
@@ -225,6 +227,7 @@ def deep_runs(ray_local, tmp_path_factory):
     return {"root": root, "runs": runs, "truth": splits["test"][1]}
 
 
+@pytest.mark.flow("deep-images")
 def test_16bit_bands_train_and_segment_as_well_as_their_8bit_copy(deep_runs):
     from rayseg.config import PredictConfig
     from rayseg.decode import ragged_column
