@@ -120,6 +120,7 @@ class State:
     version: int = -1
     snapshot_version: int = -1
     table: object = None  # the DeltaTable, once there is one
+    parts: list[str] = dataclasses.field(default_factory=list)  # the parts of the commits since the snapshot: a fold's to delete
 
     def files(self) -> dict[str, list[str]]:
         """Data file -> the shards whose rows it holds."""
@@ -146,11 +147,33 @@ def _read_rows(url: str, storage_options: dict | None) -> list[dict]:
     return pq.read_table(path, filesystem=fs, schema=MANIFEST_SCHEMA).to_pylist()
 
 
+READ_ATTEMPTS = 5  # a fold between reading the pointer and reading what it names: read the new pointer, this many times
+
+
 def read_state(output: str, storage_options: dict | None) -> State:
-    """The committed shards: the last snapshot, then the manifest parts of every commit after it."""
+    """The committed shards: the last snapshot, then the manifest parts of every commit after it.
+
+    A run folding the manifest meanwhile (`compact_manifest`: new snapshot, then the pointer, then the old files
+    deleted) can delete what an older pointer names between the two reads; the state is then read again from the new
+    pointer, which names files that exist. Readers hold no lease (`--status`, a run waiting for one).
+    """
     dt = open_table(output, storage_options)
     if dt is None:
         return State({})
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return _read_state_once(output, storage_options, dt)
+        except FileNotFoundError:
+            if attempt == READ_ATTEMPTS - 1:
+                raise
+            log.debug("the manifest was folded while it was read; reading it again", exc_info=True)
+            storage.filesystem(_manifest_url(output), storage_options)[0].invalidate_cache()
+            time.sleep(0.1 * (attempt + 1))
+            dt.update_incremental()
+    raise AssertionError("unreachable")
+
+
+def _read_state_once(output: str, storage_options: dict | None, dt) -> State:
     try:
         pointer = storage.read_json(_manifest_url(output, POINTER), storage_options)
     except FileNotFoundError:
@@ -159,10 +182,11 @@ def read_state(output: str, storage_options: dict | None) -> State:
     if pointer["file"]:
         records = {r["shard_url"]: r for r in _read_rows(_manifest_url(output, pointer["file"]), storage_options)}
     current = dt.version()
-    for part in _parts_since(output, storage_options, pointer["version"], current):
+    parts = _parts_since(output, storage_options, pointer["version"], current)
+    for part in parts:
         for r in _read_rows(_manifest_url(output, PARTS_DIR, part), storage_options):
             records[r["shard_url"]] = r
-    return State(records, current, pointer["version"], dt)
+    return State(records, current, pointer["version"], dt, parts)
 
 
 def _parts_since(output: str, storage_options: dict | None, after: int, upto: int) -> list[str]:
@@ -185,8 +209,16 @@ def _parts_since(output: str, storage_options: dict | None, after: int, upto: in
     return parts
 
 
+ORPHAN_PART_S = 24 * 3600  # a part no commit names (its wave never committed) is deleted once this old
+
+
 def compact_manifest(output: str, storage_options: dict | None, state: State) -> bool:
-    """Fold the parts into a new snapshot at the state's table version; drop older snapshots and all parts."""
+    """Fold the parts into a new snapshot at the state's table version; drop older snapshots and the folded parts.
+
+    Only what this fold read is deleted: the parts named by the commits it folded, and parts no commit named that are
+    over a day old (a killed run's last wave). A part written a moment ago by another writer, committed after this
+    state was read or about to be, stays for the next fold to read.
+    """
     if state.version == state.snapshot_version or state.version < 0 or not state.records:
         return False
     name = f"snapshot-{state.version:020d}.parquet"
@@ -195,13 +227,34 @@ def compact_manifest(output: str, storage_options: dict | None, state: State) ->
     pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), path, filesystem=fs)
     storage.write_json(_manifest_url(output, POINTER), {"version": state.version, "file": name}, storage_options)
     state.snapshot_version = state.version
-    # Only this run writes (it holds the lease): every part now is either folded in or from a wave that never committed.
+    folded, state.parts = set(state.parts), []
     ffs, root = storage.filesystem(_manifest_url(output), storage_options)
     ffs.invalidate_cache(root)
-    stale = [p for p in ffs.find(root) if posixpath.basename(p) not in (name, POINTER) and not posixpath.basename(p).startswith(".")]
+    stale = []
+    for p, info in ffs.find(root, detail=True).items():
+        base = posixpath.basename(p)
+        if base in (name, POINTER) or base.startswith("."):
+            continue
+        in_parts = posixpath.basename(posixpath.dirname(p)) == PARTS_DIR
+        if not in_parts or base in folded or _age_s(info) > ORPHAN_PART_S:
+            stale.append(p)  # an older snapshot, a folded part, an old orphan
     if stale:
         ffs.rm(stale)
     return True
+
+
+def _age_s(info: dict) -> float:
+    """Seconds since a file (an fsspec info dict) was last written; 0 where the store does not say."""
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated")
+    if mtime is None:
+        return 0.0
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    elif isinstance(mtime, str):
+        import datetime
+
+        mtime = datetime.datetime.fromisoformat(mtime.replace("Z", "+00:00")).timestamp()
+    return time.time() - float(mtime)
 
 
 # ---- a wave's commit ---------------------------------------------------------------------------------------
@@ -281,6 +334,7 @@ def commit(state: State, output: str, storage_options: dict | None, adds: list, 
     dt.update_incremental()
     for r in part_rows:
         state.records[r["shard_url"]] = r
+    state.parts.append(part_name)
     state.version = dt.version()
     return state.version
 
