@@ -132,7 +132,8 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
 
         with Lease(cfg.output, so, run_id, cfg.lease_seconds, cfg.lease_wait) as lease:
             previous = lease.previous
-            lease.at_least((table.open_table(cfg.output, so, create=True).transaction_version(table.APP_ID) or 0) + 1)
+            lease.at_least(table.generation_of(table.open_table(cfg.output, so, create=True).transaction_version(table.APP_ID)) + 1)
+            table.fence(cfg.output, so, lease.generation, run_id)  # a run that lost this lease can commit nothing after this
             state = table.read_state(cfg.output, so)  # again, under the lease: another run may have committed meanwhile
             b = backlog(shards, state.records, key)
             table.compact_manifest(cfg.output, so, state)  # parts a killed run left

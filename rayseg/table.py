@@ -121,6 +121,7 @@ class State:
     snapshot_version: int = -1
     table: object = None  # the DeltaTable, once there is one
     parts: list[str] = dataclasses.field(default_factory=list)  # the parts of the commits since the snapshot: a fold's to delete
+    waves: int = 0  # waves this run committed on this state (each commit's transaction version: generation and wave)
 
     def files(self) -> dict[str, list[str]]:
         """Data file -> the shards whose rows it holds."""
@@ -312,31 +313,84 @@ def keep_rows(output: str, storage_options: dict | None, rel: str, keep: list[st
     return t.filter(pc.is_in(t["shard"], pa.array(keep, pa.string())))
 
 
+# The table's application transaction (APP_ID) carries the lease generation and the wave: generation << 20 | wave.
+# A takeover's fence is wave 0. Tables written before waves were numbered carry the bare generation (< 2**20), which
+# reads as generation 0 and so never outranks a lease.
+WAVE_BITS = 20
+COMMIT_ATTEMPTS = 4  # a commit that fails for a storage error is retried this many times in all, with backoff
+
+
+def txn_version(generation: int, wave: int) -> int:
+    return generation << WAVE_BITS | wave
+
+
+def generation_of(txn: int | None) -> int:
+    return (txn or 0) >> WAVE_BITS
+
+
+def fence(output: str, storage_options: dict | None, generation: int, run_id: str) -> None:
+    """A run that took the lease commits this first, before it reads any state: an empty commit with its generation.
+
+    A run that lost the lease and still believes it holds it (stalled past expiry, then resumed) made its decisions
+    on a table version older than the fence, so its next commit conflicts with the fence in Delta's own check and is
+    refused (commit: LeaseLost), instead of adding rows the new holder is also about to write.
+    """
+    dt = open_table(output, storage_options, create=True)
+    _commit_once(dt, [], {"rayseg.fence": run_id, "rayseg.run_id": run_id}, generation, 0, run_id)
+
+
 def commit(state: State, output: str, storage_options: dict | None, adds: list, removes: list[str], part_rows: list[dict],
            part_name: str, generation: int, run_id: str) -> int:
-    """One atomic commit: add files, remove files, and name the manifest part written just before it."""
-    from deltalake.transaction import CommitProperties, RemoveAction, Transaction
+    """One atomic commit: add files, remove files, and name the manifest part written just before it.
+
+    The commit is made against the table version this run's decisions were read at (state.table is not refreshed
+    first), so Delta refuses it if any other commit landed since: after a takeover's fence that is a LeaseLost. Each
+    wave has its own transaction version, so an unclear failure (a lost reply) is settled by reading the table: the
+    wave landed, or it is retried, up to COMMIT_ATTEMPTS times for storage errors.
+    """
+    from deltalake.transaction import RemoveAction
 
     fs, path = sink(_manifest_url(output, PARTS_DIR, part_name), storage_options)
-    pq.write_table(pa.Table.from_pylist(part_rows, schema=MANIFEST_SCHEMA), path, filesystem=fs)
-    dt = state.table
-    dt.update_incremental()
-    holder = dt.transaction_version(APP_ID) or 0
-    if holder > generation:
-        from rayseg.lease import LeaseLost
-
-        raise LeaseLost(f"run {run_id} holds lease generation {generation}, but the table has commits of generation {holder}")
+    storage.retry(pq.write_table, pa.Table.from_pylist(part_rows, schema=MANIFEST_SCHEMA), path, filesystem=fs,
+                  what="writing a manifest part")
     now_ms = int(time.time() * 1000)
     actions = adds + [RemoveAction(path=r, data_change=True, deletion_timestamp=now_ms) for r in removes]
-    props = CommitProperties(custom_metadata={PART_KEY: part_name, "rayseg.run_id": run_id},
-                             app_transactions=[Transaction(APP_ID, generation)])
-    dt.create_write_transaction(actions, "append", NIGHTLY_SCHEMA, commit_properties=props)
-    dt.update_incremental()
+    state.waves += 1
+    _commit_once(state.table, actions, {PART_KEY: part_name, "rayseg.run_id": run_id}, generation, state.waves, run_id)
     for r in part_rows:
         state.records[r["shard_url"]] = r
     state.parts.append(part_name)
-    state.version = dt.version()
+    state.version = state.table.version()
     return state.version
+
+
+def _commit_once(dt, actions: list, metadata: dict, generation: int, wave: int, run_id: str) -> None:
+    """Commit `actions` as transaction (generation, wave) exactly once, or raise (LeaseLost, or the last error)."""
+    from deltalake.transaction import CommitProperties, Transaction
+
+    from rayseg.lease import LeaseLost
+
+    txn = txn_version(generation, wave)
+    props = CommitProperties(custom_metadata=metadata, app_transactions=[Transaction(APP_ID, txn)])
+    for attempt in range(COMMIT_ATTEMPTS):
+        try:
+            dt.create_write_transaction(actions, "append", NIGHTLY_SCHEMA, commit_properties=props)
+            break
+        except Exception as e:  # noqa: BLE001 - settled by what the table holds now
+            error = e
+        storage.retry(dt.update_incremental, what="reading the table after a failed commit")
+        landed = dt.transaction_version(APP_ID)
+        if landed == txn:
+            log.info("commit %d of run %s had landed although its reply was lost (%s)", wave, run_id, error)
+            break
+        if generation_of(landed) > generation or "concurrent" in str(error).lower():
+            raise LeaseLost(f"run {run_id} lost its lease: another run (lease generation {generation_of(landed)}) took the "
+                            f"output over and committed since this run read it; nothing more of this run is committed") from None
+        if attempt == COMMIT_ATTEMPTS - 1:
+            raise error
+        log.warning("commit %d of run %s failed (%s); retrying", wave, run_id, str(error).splitlines()[0] if str(error) else type(error).__name__)
+        time.sleep(min(8.0, 0.5 * 2**attempt))
+    dt.update_incremental()
 
 
 def vacuum(state: State) -> int:

@@ -68,3 +68,70 @@ def test_a_fold_deletes_what_it_folded_and_keeps_a_part_it_did_not_read(tmp_path
     assert os.listdir(parts_dir(out)) == []
     snapshots = [f for f in os.listdir(os.path.join(out, table.MANIFEST_DIR)) if f.startswith("snapshot-")]
     assert snapshots == ["snapshot-00000000000000000003.parquet"]  # the older snapshot went with the fold
+
+
+def wave_commits(out: str) -> list[dict]:
+    """The commitInfo of every commit that named a manifest part, oldest first."""
+    import json
+
+    log_dir = os.path.join(out, "images", "_delta_log")
+    infos = [json.loads(line)["commitInfo"] for f in sorted(os.listdir(log_dir)) if f.endswith(".json")
+             for line in open(os.path.join(log_dir, f)) if '"commitInfo"' in line]
+    return [i for i in infos if table.PART_KEY in i]
+
+
+def test_a_run_that_lost_its_lease_commits_nothing_after_the_new_holders_fence(tmp_path):
+    """Run A (generation 1) read the table, stalled past its lease, and resumes after run B took over (generation 2)
+    and fenced: A's commit is refused with LeaseLost, and B, committing the same shard, leaves it there once."""
+    import pytest
+
+    from rayseg.lease import LeaseLost
+
+    out, a = new_table(tmp_path, ["s://a"])
+    table.fence(out, None, 2, "run-b")
+    with pytest.raises(LeaseLost, match="lost its lease: another run \\(lease generation 2\\) took the output over"):
+        table.commit(a, out, None, [], [], [manifest_row("s://b", "run-a")], "part-a.parquet", generation=1, run_id="run-a")
+    b = table.read_state(out, None)
+    table.commit(b, out, None, [], [], [manifest_row("s://b", "run-b")], "part-b.parquet", generation=2, run_id="run-b")
+    assert [c[table.PART_KEY] for c in wave_commits(out)] == ["part-0000.parquet", "part-b.parquet"]
+    records = table.read_state(out, None).records
+    assert sorted(records) == ["s://a", "s://b"] and records["s://b"]["run_id"] == "run-b"
+    assert table.generation_of(b.table.transaction_version(table.APP_ID)) == 2
+
+
+def flaky(dt, failures: int, after: bool):
+    """dt.create_write_transaction failing `failures` times with a storage error: before the commit, or after it
+    landed (the reply lost)."""
+    real, calls = dt.create_write_transaction, []
+
+    def commit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= failures and not after:
+            raise OSError("connection reset by peer")
+        result = real(*args, **kwargs)
+        if len(calls) <= failures:
+            raise OSError("connection reset by peer, after the commit landed")
+        return result
+
+    dt.create_write_transaction = commit
+    return calls
+
+
+def test_a_commit_whose_reply_is_lost_lands_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    out, state = new_table(tmp_path, ["s://a"])
+    calls = flaky(state.table, failures=1, after=True)
+    commit_shard(out, state, "s://b", 1)
+    assert len(calls) == 1  # not sent again: the table showed the wave's own transaction
+    assert [c[table.PART_KEY] for c in wave_commits(out)] == ["part-0000.parquet", "part-0001.parquet"]
+    assert sorted(table.read_state(out, None).records) == ["s://a", "s://b"]
+
+
+def test_a_commit_that_fails_twice_then_succeeds_lands_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    out, state = new_table(tmp_path, ["s://a"])
+    calls = flaky(state.table, failures=2, after=False)
+    commit_shard(out, state, "s://b", 1)
+    assert len(calls) == 3
+    assert [c[table.PART_KEY] for c in wave_commits(out)] == ["part-0000.parquet", "part-0001.parquet"]
+    assert sorted(table.read_state(out, None).records) == ["s://a", "s://b"]
