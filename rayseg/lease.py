@@ -29,7 +29,7 @@ import time
 import uuid
 
 from rayseg import storage
-from rayseg.errors import UserError
+from rayseg.errors import EnvError, UserError
 
 log = logging.getLogger("rayseg")
 
@@ -41,8 +41,8 @@ class LeaseHeld(UserError):
     """Another live run holds OUT's lease (one sentence, exit 2)."""
 
 
-class LeaseLost(RuntimeError):
-    """This run's lease expired and another run took it: stop without committing more."""
+class LeaseLost(EnvError):
+    """This run's lease expired and another run took it: stop without committing more (one sentence, exit 1)."""
 
 
 class Conflict(Exception):

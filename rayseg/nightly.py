@@ -136,10 +136,10 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
             table.fence(cfg.output, so, lease.generation, run_id)  # a run that lost this lease can commit nothing after this
             state = table.read_state(cfg.output, so)  # again, under the lease: another run may have committed meanwhile
             b = backlog(shards, state.records, key)
-            table.compact_manifest(cfg.output, so, state)  # parts a killed run left
+            table.compact_manifest(cfg.output, so, state, run_id)  # parts a killed run left
             if b["new"] or b["changed"]:
                 waves, cluster = segment_waves(cfg, sorted(b["new"] + b["changed"], key=lambda s: s.url), bundle, state, lease, key, run_id)
-                table.compact_manifest(cfg.output, so, state)
+                table.compact_manifest(cfg.output, so, state, run_id)
                 vacuumed = table.vacuum(state)
     summary = make_summary(cfg, run_id, shards, b, waves, state, previous, bundle, key, ignored, cluster, vacuumed)
     summary.update(layout.summary_tail(started, t0))

@@ -210,15 +210,16 @@ def _parts_since(output: str, storage_options: dict | None, after: int, upto: in
     return parts
 
 
-ORPHAN_PART_S = 24 * 3600  # a part no commit names (its wave never committed) is deleted once this old
+ORPHAN_PART_S = 24 * 3600  # a part of this run that no commit names is deleted once this old
 
 
-def compact_manifest(output: str, storage_options: dict | None, state: State) -> bool:
+def compact_manifest(output: str, storage_options: dict | None, state: State, run_id: str | None = None) -> bool:
     """Fold the parts into a new snapshot at the state's table version; drop older snapshots and the folded parts.
 
-    Only what this fold read is deleted: the parts named by the commits it folded, and parts no commit named that are
-    over a day old (a killed run's last wave). A part written a moment ago by another writer, committed after this
-    state was read or about to be, stays for the next fold to read.
+    Called by the lease holder `run_id` after its fence (`fence`), no other run can commit any more, so a part of
+    another run that no commit named (a killed or fenced-out run's last wave) is dropped too. Without `run_id`, or
+    for parts of this run, a part this state has not folded stays for the next fold; any part no commit named is
+    dropped once a day old.
     """
     if state.version == state.snapshot_version or state.version < 0 or not state.records:
         return False
@@ -236,9 +237,9 @@ def compact_manifest(output: str, storage_options: dict | None, state: State) ->
         base = posixpath.basename(p)
         if base in (name, POINTER) or base.startswith("."):
             continue
-        in_parts = posixpath.basename(posixpath.dirname(p)) == PARTS_DIR
-        if not in_parts or base in folded or _age_s(info) > ORPHAN_PART_S:
-            stale.append(p)  # an older snapshot, a folded part, an old orphan
+        fenced_out = run_id is not None and not base.startswith(f"{run_id}-")
+        if posixpath.basename(posixpath.dirname(p)) != PARTS_DIR or base in folded or fenced_out or _age_s(info) > ORPHAN_PART_S:
+            stale.append(p)  # an older snapshot, a folded part, another run's unfolded part, an old orphan
     if stale:
         ffs.rm(stale)
     return True

@@ -144,6 +144,7 @@ class WaveWriter:
                  "errors": self.per_shard.get(s.url, [0, 0])[1], "run_id": self.run_id, "committed_at": now} for s in shards]
         part += moved
         self.lease.renew(self.lease.progress)  # fails if another run has taken the lease: nothing is committed then
+        log.info("wave %d: lease renewed, committing %d shards", number, len(shards))
         version = table.commit(self.state, self.cfg.output, self.so, adds + extra, removes, part,
                                f"{self.run_id}-w{number:05d}.parquet", self.lease.generation, self.run_id)
         wave = {"wave": number, "shards": len(shards), "rows": self.rows, "errors": sum(c[1] for c in self.per_shard.values()),

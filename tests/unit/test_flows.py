@@ -32,6 +32,7 @@ FLOWS = {
     "demo": "the demo end to end",
     "evaluate": "evaluate against a single-process reference",
     "bench": "rayseg bench produces every figure",
+    "lease-takeover-fenced": "a nightly run stalled between renewal and commit is fenced out by the run that took over",
 }
 
 

@@ -17,7 +17,7 @@ def manifest_row(url: str, run: str = "r1") -> dict:
 
 
 def commit_shard(out: str, state: table.State, url: str, n: int) -> None:
-    table.commit(state, out, None, [], [], [manifest_row(url)], f"part-{n:04d}.parquet", generation=1, run_id="r1")
+    table.commit(state, out, None, [], [], [manifest_row(url)], f"r1-w{n:04d}.parquet", generation=1, run_id="r1")
 
 
 def new_table(tmp_path, shards: list[str]) -> tuple[str, table.State]:
@@ -54,20 +54,26 @@ def test_a_fold_between_reading_the_pointer_and_the_snapshot_is_read_through(tmp
 def test_a_fold_deletes_what_it_folded_and_keeps_a_part_it_did_not_read(tmp_path):
     out, state = new_table(tmp_path, ["s://a", "s://b"])
     read = table.read_state(out, None)
-    assert sorted(read.parts) == ["part-0000.parquet", "part-0001.parquet"]
+    assert sorted(read.parts) == ["r1-w0000.parquet", "r1-w0001.parquet"]
     commit_shard(out, state, "s://c", 2)  # committed after `read` was taken: its part is not folded by it
-    orphan = os.path.join(parts_dir(out), "part-never-committed.parquet")
-    open(orphan, "wb").write(b"x")
-    assert table.compact_manifest(out, None, read)
-    assert sorted(os.listdir(parts_dir(out))) == ["part-0002.parquet", "part-never-committed.parquet"]
+    orphan = os.path.join(parts_dir(out), "r1-w0009.parquet")  # this run's, never committed
+    fenced = os.path.join(parts_dir(out), "dead-run-w0001.parquet")  # a run fenced out or killed before its commit
+    for path in (orphan, fenced):
+        open(path, "wb").write(b"x")
+    assert table.compact_manifest(out, None, read)  # no run id: nothing but what it folded
+    assert sorted(os.listdir(parts_dir(out))) == ["dead-run-w0001.parquet", "r1-w0002.parquet", "r1-w0009.parquet"]
     assert sorted(table.read_state(out, None).records) == ["s://a", "s://b", "s://c"]
 
-    old = time.time() - table.ORPHAN_PART_S - 60  # a killed run's wave, a day on
+    assert table.compact_manifest(out, None, table.read_state(out, None), run_id="r1")  # the fenced holder's fold
+    assert os.listdir(parts_dir(out)) == ["r1-w0009.parquet"]
+    old = time.time() - table.ORPHAN_PART_S - 60  # a day on
     os.utime(orphan, (old, old))
-    assert table.compact_manifest(out, None, table.read_state(out, None))
+    commit_shard(out, state, "s://d", 3)
+    assert table.compact_manifest(out, None, table.read_state(out, None), run_id="r1")
     assert os.listdir(parts_dir(out)) == []
     snapshots = [f for f in os.listdir(os.path.join(out, table.MANIFEST_DIR)) if f.startswith("snapshot-")]
-    assert snapshots == ["snapshot-00000000000000000003.parquet"]  # the older snapshot went with the fold
+    assert snapshots == ["snapshot-00000000000000000004.parquet"]  # older snapshots went with each fold
+    assert sorted(table.read_state(out, None).records) == ["s://a", "s://b", "s://c", "s://d"]
 
 
 def wave_commits(out: str) -> list[dict]:
@@ -93,7 +99,7 @@ def test_a_run_that_lost_its_lease_commits_nothing_after_the_new_holders_fence(t
         table.commit(a, out, None, [], [], [manifest_row("s://b", "run-a")], "part-a.parquet", generation=1, run_id="run-a")
     b = table.read_state(out, None)
     table.commit(b, out, None, [], [], [manifest_row("s://b", "run-b")], "part-b.parquet", generation=2, run_id="run-b")
-    assert [c[table.PART_KEY] for c in wave_commits(out)] == ["part-0000.parquet", "part-b.parquet"]
+    assert [c[table.PART_KEY] for c in wave_commits(out)] == ["r1-w0000.parquet", "part-b.parquet"]
     records = table.read_state(out, None).records
     assert sorted(records) == ["s://a", "s://b"] and records["s://b"]["run_id"] == "run-b"
     assert table.generation_of(b.table.transaction_version(table.APP_ID)) == 2
@@ -123,7 +129,7 @@ def test_a_commit_whose_reply_is_lost_lands_once(tmp_path, monkeypatch):
     calls = flaky(state.table, failures=1, after=True)
     commit_shard(out, state, "s://b", 1)
     assert len(calls) == 1  # not sent again: the table showed the wave's own transaction
-    assert [c[table.PART_KEY] for c in wave_commits(out)] == ["part-0000.parquet", "part-0001.parquet"]
+    assert [c[table.PART_KEY] for c in wave_commits(out)] == ["r1-w0000.parquet", "r1-w0001.parquet"]
     assert sorted(table.read_state(out, None).records) == ["s://a", "s://b"]
 
 
@@ -133,5 +139,5 @@ def test_a_commit_that_fails_twice_then_succeeds_lands_once(tmp_path, monkeypatc
     calls = flaky(state.table, failures=2, after=False)
     commit_shard(out, state, "s://b", 1)
     assert len(calls) == 3
-    assert [c[table.PART_KEY] for c in wave_commits(out)] == ["part-0000.parquet", "part-0001.parquet"]
+    assert [c[table.PART_KEY] for c in wave_commits(out)] == ["r1-w0000.parquet", "r1-w0001.parquet"]
     assert sorted(table.read_state(out, None).records) == ["s://a", "s://b"]
