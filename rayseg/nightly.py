@@ -138,7 +138,10 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
             b = backlog(shards, state.records, key)
             table.compact_manifest(cfg.output, so, state, run_id)  # parts a killed run left
             if b["new"] or b["changed"]:
-                waves, cluster = segment_waves(cfg, sorted(b["new"] + b["changed"], key=lambda s: s.url), bundle, state, lease, key, run_id)
+                todo = sorted(b["new"] + b["changed"], key=lambda s: s.url)
+                waves, cluster = segment_waves(cfg, todo, bundle, state, lease, key, run_id)
+                if all(state.records.get(s.url, {}).get("run_id") == run_id for s in todo):  # the night is whole
+                    table.mark_complete(state, cfg.output, lease.generation, run_id, started.date().isoformat())
                 table.compact_manifest(cfg.output, so, state, run_id)
                 vacuumed = table.vacuum(state)
     summary = make_summary(cfg, run_id, shards, b, waves, state, previous, bundle, key, ignored, cluster, vacuumed)

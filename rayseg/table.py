@@ -45,8 +45,19 @@ MANIFEST_SCHEMA = pa.schema([("shard_url", pa.string()), ("size", pa.int64()), (
 APP_ID = "rayseg-nightly"  # the application transaction id carrying the lease generation
 PART_KEY = "rayseg.manifest_part"
 # Files replaced by a commit stay this long for readers still holding an older snapshot, then `vacuum` deletes them
-# (with files of waves that never committed).
+# (with files of waves that never committed). This is the time-travel window: `read_table(OUT, night=...)` reads a
+# night up to this old.
 VACUUM_HOURS = 24
+NIGHT_KEY = "rayseg.night_complete"  # commit metadata of the last commit of a nightly run that finished: its date
+# Table properties of a new table, for a year of nights: a checkpoint every 100 commits (a reader replays at most
+# 99 commit files), commit files older than 30 days deleted at checkpoints (the log stays bounded), and replaced
+# files kept as long as `vacuum` keeps them.
+TABLE_PROPERTIES = {
+    "delta.checkpointInterval": "100",
+    "delta.enableExpiredLogCleanup": "true",
+    "delta.logRetentionDuration": "interval 30 days",
+    "delta.deletedFileRetentionDuration": f"interval {VACUUM_HOURS} hours",
+}
 
 
 # ---- where the table is, for delta-rs --------------------------------------------------------------------
@@ -86,19 +97,27 @@ def open_table(output: str, storage_options: dict | None, create: bool = False):
     if not is_table(output, storage_options):
         if not create:
             return None
-        DeltaTable.create(uri, NIGHTLY_SCHEMA, mode="ignore", storage_options=opts, name="rayseg images")
+        DeltaTable.create(uri, NIGHTLY_SCHEMA, mode="ignore", storage_options=opts, name="rayseg images",
+                          configuration=TABLE_PROPERTIES)
     return DeltaTable(uri, storage_options=opts)
 
 
-def read_table(output: str, storage_options: dict | None = None, table: str = "images") -> pads.Dataset:
+def read_table(output: str, storage_options: dict | None = None, table: str = "images", night: str | None = None) -> pads.Dataset:
     """OUT's rows as one consistent snapshot: `table` is "images" (one row per image) or "objects" (one per object).
 
-    A nightly output is read through its Delta log; a `rayseg segment` output is a plain Parquet folder.
+    A nightly output is read through its Delta log; a `rayseg segment` output is a plain Parquet folder. `night`
+    ("YYYY-MM-DD", or "last") reads a nightly output as the last nightly run that finished on or before that date
+    (UTC) left it, not a run still writing or one that was killed: see `night_version`.
     """
     if table not in (layout.IMAGES_DIR, layout.OBJECTS_DIR):
         raise ValueError(f"table must be {layout.IMAGES_DIR!r} or {layout.OBJECTS_DIR!r}")
+    if night is not None and not is_table(output, storage_options):
+        raise ValueError(f"{output} is not a nightly output: only a nightly output has nights")
     if is_table(output, storage_options):
-        ds = open_table(output, storage_options).to_pyarrow_dataset()
+        dt = open_table(output, storage_options)
+        if night is not None:
+            dt.load_as_version(night_version(dt, night))
+        ds = dt.to_pyarrow_dataset()
         if table == layout.OBJECTS_DIR:  # objects are committed inside their image rows, so both tables are one snapshot
             from rayseg.objects import explode
 
@@ -107,6 +126,27 @@ def read_table(output: str, storage_options: dict | None = None, table: str = "i
         return ds
     fs, path = storage.pyarrow_filesystem(storage.join(output, table), storage_options)
     return pads.dataset(path, filesystem=fs, format="parquet")
+
+
+def night_version(dt, night: str) -> int:
+    """The table version the last run that finished on or before `night` (a UTC date, or "last") committed last.
+
+    Every nightly run that finishes marks its last commit (`mark_complete`), so a reader can tell a finished night
+    from a run still writing. Commits older than the log's retention (30 days) are no longer listed.
+    """
+    for entry in dt.history():  # newest first
+        done = entry.get(NIGHT_KEY)
+        if done and (night == "last" or done <= night):
+            return int(entry["version"])
+    raise ValueError(f"no nightly run had finished by {night} (or its commits are older than the log keeps)")
+
+
+def mark_complete(state: State, output: str, generation: int, run_id: str, night: str) -> int:
+    """A finished run's last commit: empty, with the night's date in its metadata (`night_version` finds it)."""
+    state.waves += 1
+    _commit_once(state.table, [], {NIGHT_KEY: night, "rayseg.run_id": run_id}, generation, state.waves, run_id)
+    state.version = state.table.version()
+    return state.version
 
 
 # ---- the manifest ------------------------------------------------------------------------------------------

@@ -141,3 +141,39 @@ def test_a_commit_that_fails_twice_then_succeeds_lands_once(tmp_path, monkeypatc
     assert len(calls) == 3
     assert [c[table.PART_KEY] for c in wave_commits(out)] == ["r1-w0000.parquet", "r1-w0001.parquet"]
     assert sorted(table.read_state(out, None).records) == ["s://a", "s://b"]
+
+
+def data_commit(out: str, state: table.State, url: str, ids: list[str], n: int) -> None:
+    """A wave of real rows: a data file of `ids` for shard `url`, committed with its manifest part."""
+    import pyarrow as pa
+
+    rows = pa.Table.from_pylist([{"image_id": i, "shard": url} for i in ids], schema=table.NIGHTLY_SCHEMA)
+    rel = f"w{n:04d}.parquet"
+    size = table.write_file(rows, os.path.join(out, "images", rel), None)
+    table.commit(state, out, None, [table.add_action(rel, size, table.FileStats().update(rows))], [], [manifest_row(url)],
+                 f"r1-w{n:04d}.parquet", generation=1, run_id="r1")
+
+
+def image_ids(out: str, **kw) -> list[str]:
+    return sorted(table.read_table(out, **kw).to_table(columns=["image_id"]).column("image_id").to_pylist())
+
+
+def test_a_reader_asks_for_the_last_finished_night_not_a_run_still_writing(tmp_path):
+    import pytest
+
+    out = str(tmp_path / "out")
+    state = table.State({}, table=table.open_table(out, None, create=True))
+    data_commit(out, state, "s://a", ["a0", "a1"], 0)
+    table.mark_complete(state, out, 1, "r1", "2026-12-01")
+    data_commit(out, state, "s://b", ["b0"], 1)
+    table.mark_complete(state, out, 1, "r1", "2026-12-02")
+    data_commit(out, state, "s://c", ["c0"], 2)  # the third night's run, still writing (or killed)
+
+    assert image_ids(out) == ["a0", "a1", "b0", "c0"]  # the table as it is now
+    assert image_ids(out, night="last") == ["a0", "a1", "b0"]
+    assert image_ids(out, night="2026-12-01") == ["a0", "a1"]
+    assert image_ids(out, night="2026-12-05") == ["a0", "a1", "b0"]  # a night without a run: as the last one left it
+    with pytest.raises(ValueError, match="no nightly run had finished by 2026-11-30"):
+        table.read_table(out, night="2026-11-30")
+    config = table.open_table(out, None).metadata().configuration
+    assert config["delta.checkpointInterval"] == "100" and config["delta.logRetentionDuration"] == "interval 30 days"
