@@ -268,14 +268,15 @@ def startup_steps(summary: dict, interpreter_s: float, command_s: float) -> dict
     t = summary["timeline_s"]
     steps = {"interpreter_s": interpreter_s, "command_s": command_s}
     steps.update({f"{step}_s": command_s + t[step] for step in ("model_checked", "ray_ready", "predictor_ready", "first_batch") if step in t})
-    return {**{k: round(v, 3) for k, v in steps.items()}, "dashboard": t.get("dashboard")}
+    return {**{k: round(v, 3) for k, v in steps.items()}, "dashboard": t.get("dashboard"), "ray_joined": t.get("ray_joined")}
 
 
 def pipeline(cfg: dict, urls: list[str], out_dir: str) -> tuple[dict, dict]:
-    """`rayseg segment` in a subprocess with its own embedded Ray; times from launch to the summary written."""
-    # its own Ray, so start-up is part of the figure: "local" starts a new instance even where another Ray runs on
-    # this machine (with no address, ray.init joins the latest one it finds)
-    env = {**os.environ, "RAY_ADDRESS": "local"}
+    """`rayseg segment` in a subprocess with its own embedded Ray (or, with bench's --address, joining that Ray);
+    times from launch to the summary written."""
+    # its own Ray, so start-up is part of the figure: "local" starts a new instance even where `ray start` runs one
+    # on this machine; `--address auto` (or an address) measures a job that joins a Ray already running instead
+    env = {**os.environ, "RAY_ADDRESS": cfg.get("address") or "local"}
     info_file = os.path.join(out_dir + ".child.json")
     launched = time.time()
     proc = subprocess.Popen([sys.executable, "-c", PIPELINE_CHILD, info_file, *segment_argv(cfg, urls, out_dir)], env=env,

@@ -305,7 +305,7 @@ def _check_bench(cfg) -> None:
 
 
 BenchConfig = compose("BenchConfig", MODEL, ("input", "count", "small_count", "image_size", "layout"),
-                      ("batch_size", "device", "precision", "compile"), POOL, ("repeat", "json", "workdir", "min_seconds"),
+                      ("batch_size", "device", "precision", "compile"), POOL, ("repeat", "json", "workdir", "min_seconds", "address"),
                       defaults={"batch_size": 16}, check=_check_bench,
                       doc="`rayseg bench`: model-only, naive loop and pipeline on one archive.")
 
