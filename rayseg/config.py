@@ -182,9 +182,10 @@ OPTIONS: dict[str, Option] = {
     "sample": Option(int, 12, "random images to show", _at_least(0)),
     "png": Option(str | None, None, "also write each overlay as a PNG file into this folder"),
     # nightly
-    "commit_every": Option(int, 10_000, "commit a wave once it holds this many images (whole shards only); a killed run "
-                                        "redoes at most one wave", _at_least(1)),
-    "commit_mb": Option(int, 128, "also commit a wave once its output file reaches this many MB", _at_least(1)),
+    "commit_seconds": Option(float, 60.0, "commit a wave once this many seconds have passed since the last commit (at the next "
+                                          "whole shard); a killed run redoes about this much work", _between(1, 86400, "between 1 and 86400")),
+    "commit_mb": Option(int, 256, "also commit a wave once its output file reaches this many MB", _at_least(1)),
+    "commit_every": Option(int | None, None, "also commit a wave once it holds this many images (default: no cap)", _at_least(1)),
     "lease_seconds": Option(float, 300.0, "a run's lease on OUT lasts this long unless renewed (every third of it); "
                                           "the lease of a killed run expires after it", _between(5, 86400, "between 5 and 86400")),
     "lease_wait": Option(float, 0.0, "seconds to wait for another run's lease on OUT before giving up (0: give up at once)",
@@ -269,7 +270,7 @@ def _check_nightly(cfg) -> None:
 
 
 NightlyConfig = compose("NightlyConfig", MODEL, ("inputs",), OUTPUT, STORAGE, READ, PREDICT, POOL, CLUSTER,
-                        ("commit_every", "commit_mb", "lease_seconds", "lease_wait", "status"),
+                        ("commit_seconds", "commit_mb", "commit_every", "lease_seconds", "lease_wait", "status"),
                         hidden=("overwrite",), check=_check_nightly,
                         doc="`rayseg nightly`: segment's options, how often to commit, and the lease on OUT; OUT is never cleared.")
 
