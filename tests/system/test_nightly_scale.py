@@ -337,17 +337,18 @@ def test_loose_files_make_few_files_and_a_rerun_is_instant(ray_local, tmp_path):
 @pytest.mark.timeout(900)
 def test_two_runs_on_one_output(site, env):
     """Run A starts; 3 s later run B (other shards) is refused in one sentence, and run C (B's shards, --lease-wait)
-    waits for A's lease, which A keeps renewing well past its 5 s lifetime, then commits its own shards."""
+    waits for A's lease, which A keeps renewing well past its 10 s lifetime, then commits its own shards. (10 s, not
+    less: on a busy 2-core machine a run's renewal thread can stall for seconds while Ray starts.)"""
     first = write_shards(site, "in1", 8, 6, seed=1)
     second = write_shards(site, "in2", 8, 6, seed=2)
-    a = start(nightly_cmd(site, "in1", "--commit-every", "12", "--lease-seconds", "5"), env)
+    a = start(nightly_cmd(site, "in1", "--commit-every", "12", "--lease-seconds", "10"), env)
     time.sleep(3)
     deadline = time.monotonic() + 120
     while not _lease_exists(site) and time.monotonic() < deadline:  # A takes the lease once its inputs are listed
         time.sleep(0.2)
     holder = _lease(site)["run_id"]
-    b = subprocess.run(nightly_cmd(site, "in2", "--lease-seconds", "5"), env=env, capture_output=True, text=True, timeout=120)
-    c = start(nightly_cmd(site, "in2", "--commit-every", "12", "--lease-seconds", "5", "--lease-wait", "600"), env)
+    b = subprocess.run(nightly_cmd(site, "in2", "--lease-seconds", "10"), env=env, capture_output=True, text=True, timeout=120)
+    c = start(nightly_cmd(site, "in2", "--commit-every", "12", "--lease-seconds", "10", "--lease-wait", "600"), env)
     summary_a, summary_c = finish(a), finish(c, timeout=600)
     assert b.returncode == 2
     lines = [ln for ln in b.stderr.splitlines() if "rayseg nightly" in ln]
