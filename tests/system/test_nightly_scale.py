@@ -392,7 +392,7 @@ def _commit_runs(site: Site) -> list[str | None]:
 def test_reader_polling_during_runs_sees_whole_shards_once(site, env):
     """Poll the table the documented way while a run commits waves, then while a second run replaces every row
     (--mask-format rle): never an image twice, never part of a shard, and during the second run every image."""
-    expected = write_shards(site, "in", 8, 6)
+    expected = write_shards(site, "in", 16, 6)
     every_id = set().union(*expected.values())
 
     def poll(proc, check) -> int:
@@ -408,12 +408,12 @@ def test_reader_polling_during_runs_sees_whole_shards_once(site, env):
     p1 = start(nightly_cmd(site, "in", "--commit-every", "12"), env)
     seen = []
     polls = poll(p1, lambda df: seen.append(len(df)))
-    assert finish(p1)["rows"] == 48
+    assert finish(p1)["rows"] == 96
     assert seen == sorted(seen) and len(set(seen)) >= 3  # commits became visible one wave at a time
     p2 = start(nightly_cmd(site, "in", "--commit-every", "12", "--mask-format", "rle"), env)
     polls += poll(p2, lambda df: (set(df.image_id) == every_id) or pytest.fail(f"{len(df)} of {len(every_id)} images visible"))
     s2 = finish(p2)
-    assert s2["shards_changed"] == 8 and len(s2["waves"]) >= 4
+    assert s2["shards_changed"] == 16 and len(s2["waves"]) >= 4
     df = snapshot(site)
     assert df.mask_png.isna().all() and set(df.image_id) == every_id
     print(f"{polls} polls, none saw a duplicate or a partial shard")
@@ -436,10 +436,11 @@ def test_killed_runs_lease_on_another_host_expires_and_is_taken_over(tmp_path, e
         time.sleep(0.05)
     killed = _lease(site)["run_id"]
     kill_session(proc)
-    _rewrite_lease(site, host="another-host", expires_at=time.time() + 8)  # long enough for the refused run to start
+    _rewrite_lease(site, host="another-host", expires_at=time.time() + 600)  # live for the run refused next
     refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and f"run {killed} (host another-host, " in refused.stderr  # not expired yet
     assert "its lease expires at " in refused.stderr and "--lease-wait SECONDS waits for it" in refused.stderr
+    _rewrite_lease(site, expires_at=time.time() + 5)  # as if its last renewal was a few seconds ago
     waiting = start([*cmd, "--lease-wait", "90"], env)
     taken = finish(waiting)
     assert taken["redone_after_kill"]["run_id"] == killed
