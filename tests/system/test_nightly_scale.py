@@ -402,7 +402,7 @@ def test_reader_polling_during_runs_sees_whole_shards_once(site, env):
             assert_whole(df, expected)
             check(df)
             polls += 1
-            time.sleep(0.05)
+            time.sleep(0.1)
         return polls
 
     p1 = start(nightly_cmd(site, "in", "--commit-every", "12"), env)
