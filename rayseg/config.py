@@ -67,6 +67,12 @@ def _intensity(flag: str, value: str) -> None:
     check_spec(flag, value)
 
 
+# How an option bears on the rows a run writes (nightly keys its manifest on it: rayseg.nightly.output_key).
+KEYED = "keyed"  # rows change with its value: nightly's key holds the value
+SAME = "same"  # rows are the same whatever its value (batch size, threads, where the output goes)
+BY_MODEL = "model"  # says which model runs: keyed through the model's identity (checkpoint digest, or architecture and classes)
+
+
 @dataclass(frozen=True)
 class Option:
     type: Any
@@ -74,6 +80,7 @@ class Option:
     help: str
     check: Callable[[str, Any], None] | None = None
     meta: dict = field(default_factory=dict)  # cliutil: choices, short, positional, optional, cli, auto
+    rows: str = ""  # KEYED, SAME or BY_MODEL; required of the options of the model, read, predict and output groups
 
     def field(self, default=MISSING, **meta) -> dataclasses.Field:
         value = self.default if default is MISSING else default
@@ -100,16 +107,16 @@ OPTIONS: dict[str, Option] = {
     "cpus_per_gpu": Option(int, 4, "CPUs each GPU predictor actor reserves: it decodes and encodes that many batches at once "
                                    "on them while the GPU runs one at a time", _at_least(1)),
     # model
-    "model": Option(str, "lraspp_mobilenet_v3_large", "model architecture", meta={"choices": MODEL_NAMES}),
+    "model": Option(str, "lraspp_mobilenet_v3_large", "model architecture", meta={"choices": MODEL_NAMES}, rows=BY_MODEL),
     "num_classes": Option(int, 2, "number of classes, background included", _between(1, 255, "between 1 and 255"),
-                          {"auto": "3 for shapes, 2 for blobs"}),
-    "weights": Option(str | None, None, "torchvision weights name (e.g. DEFAULT); needs a model hub"),
-    "checkpoint": Option(str | None, None, "rayseg checkpoint directory URL (overrides --model/--num-classes)"),
-    "input_size": Option(int | None, None, "side of the square model input (default: checkpoint's, else 256)", _at_least(16)),
+                          {"auto": "3 for shapes, 2 for blobs"}, rows=BY_MODEL),
+    "weights": Option(str | None, None, "torchvision weights name (e.g. DEFAULT); needs a model hub", rows=BY_MODEL),
+    "checkpoint": Option(str | None, None, "rayseg checkpoint directory URL (overrides --model/--num-classes)", rows=BY_MODEL),
+    "input_size": Option(int | None, None, "side of the square model input (default: checkpoint's, else 256)", _at_least(16), rows=KEYED),
     # read
-    "h5_key": Option(str, "images", "HDF5 dataset holding the images"),
-    "image_column": Option(str, "image", "Parquet column holding encoded image bytes"),
-    "max_pixels": Option(int, 100_000_000, "refuse images with more pixels than this (decompression bombs)", _at_least(1)),
+    "h5_key": Option(str, "images", "HDF5 dataset holding the images", rows=KEYED),
+    "image_column": Option(str, "image", "Parquet column holding encoded image bytes", rows=KEYED),
+    "max_pixels": Option(int, 100_000_000, "refuse images with more pixels than this (decompression bombs)", _at_least(1), rows=KEYED),
     # labelled
     "data": Option(tuple[str, ...], (), "labelled data: HDF5/tar shards or folders with images/ and masks/"),
     "mask_key": Option(str, "masks", "HDF5 dataset holding the masks"),
@@ -117,23 +124,23 @@ OPTIONS: dict[str, Option] = {
                                          "(e.g. instance ids) is class 1", meta={"choices": ("semantic", "binary")}),
     # predict
     "batch_size": Option(int | None, None, "images per model batch (in train: per worker and step)", _at_least(1),
-                         {"auto": "16 on CPU; on a GPU the largest power of two up to 256 whose forward pass fits in half the free device memory"}),
-    "device": Option(str, "auto", "auto, cpu or cuda", meta={"choices": _DEVICE}),
-    "precision": Option(str, "auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16", meta={"choices": _PRECISION}),
-    "tile": Option(int | None, None, "tile side for large images (default: the input size, when an image is over 2x it)", _at_least(16)),
-    "overlap": Option(float, 0.25, "fraction of a tile shared with its neighbours", _overlap),
-    "tta": Option(str, "none", "test-time augmentation: none or flip", meta={"choices": ("none", "flip")}),
-    "compile": Option(bool, False, "torch.compile the model"),
+                         {"auto": "16 on CPU; on a GPU the largest power of two up to 256 whose forward pass fits in half the free device memory"}, rows=SAME),
+    "device": Option(str, "auto", "auto, cpu or cuda", meta={"choices": _DEVICE}, rows=KEYED),
+    "precision": Option(str, "auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16", meta={"choices": _PRECISION}, rows=KEYED),
+    "tile": Option(int | None, None, "tile side for large images (default: the input size, when an image is over 2x it)", _at_least(16), rows=KEYED),
+    "overlap": Option(float, 0.25, "fraction of a tile shared with its neighbours", _overlap, rows=KEYED),
+    "tta": Option(str, "none", "test-time augmentation: none or flip", meta={"choices": ("none", "flip")}, rows=KEYED),
+    "compile": Option(bool, False, "torch.compile the model", rows=SAME),
     "intensity": Option(str, "", "intensity normalisation: auto, percentile[:LO:HI], dataset, fixed:LO:HI or none "
-                                 "(rayseg.intensity); default: the checkpoint's, and in train auto", _intensity),
+                                 "(rayseg.intensity); default: the checkpoint's, and in train auto", _intensity, rows=KEYED),
     # output
     "inputs": Option(tuple[str, ...], (), "input paths, globs or URLs (any fsspec protocol)",
-                     meta={"positional": True, "optional": True}),  # optional: a --config YAML may give them
-    "output": Option(str, "", "output folder URL (report: the segment output it describes)", meta={"short": "-o"}),
-    "mask_format": Option(str, "png", "png, rle or both", meta={"choices": ("png", "rle", "both")}),
-    "objects": Option(bool, False, "also write one row per connected component to OUT/objects/"),
-    "min_area": Option(int, 0, "with --objects: drop components smaller than this many pixels", _at_least(0)),
-    "overwrite": Option(bool, False, "replace a non-empty output folder"),
+                     meta={"positional": True, "optional": True}, rows=SAME),  # optional: a --config YAML may give them
+    "output": Option(str, "", "output folder URL (report: the segment output it describes)", meta={"short": "-o"}, rows=SAME),
+    "mask_format": Option(str, "png", "png, rle or both", meta={"choices": ("png", "rle", "both")}, rows=KEYED),
+    "objects": Option(bool, False, "also write one row per connected component to OUT/objects/", rows=KEYED),
+    "min_area": Option(int, 0, "with --objects: drop components smaller than this many pixels", _at_least(0), rows=KEYED),
+    "overwrite": Option(bool, False, "replace a non-empty output folder", rows=SAME),
     # evaluate, bench
     "json": Option(str | None, None, "also write the results as JSON to this file or URL"),
     "workdir": Option(str | None, None, "folder for the generated archives and outputs; bench keeps it and reuses an archive "
@@ -175,9 +182,10 @@ OPTIONS: dict[str, Option] = {
     "sample": Option(int, 12, "random images to show", _at_least(0)),
     "png": Option(str | None, None, "also write each overlay as a PNG file into this folder"),
     # nightly
-    "commit_every": Option(int, 10_000, "commit a wave once it holds this many images (whole shards only); a killed run "
-                                        "redoes at most one wave", _at_least(1)),
-    "commit_mb": Option(int, 128, "also commit a wave once its output file reaches this many MB", _at_least(1)),
+    "commit_seconds": Option(float, 60.0, "commit a wave once this many seconds have passed since the last commit (at the next "
+                                          "whole shard); a killed run redoes about this much work", _between(1, 86400, "between 1 and 86400")),
+    "commit_mb": Option(int, 1024, "also commit a wave once its output file reaches this many MB", _at_least(1)),
+    "commit_every": Option(int | None, None, "also commit a wave once it holds this many images (default: no cap)", _at_least(1)),
     "lease_seconds": Option(float, 300.0, "a run's lease on OUT lasts this long unless renewed (every third of it); "
                                           "the lease of a killed run expires after it", _between(5, 86400, "between 5 and 86400")),
     "lease_wait": Option(float, 0.0, "seconds to wait for another run's lease on OUT before giving up (0: give up at once)",
@@ -262,7 +270,7 @@ def _check_nightly(cfg) -> None:
 
 
 NightlyConfig = compose("NightlyConfig", MODEL, ("inputs",), OUTPUT, STORAGE, READ, PREDICT, POOL, CLUSTER,
-                        ("commit_every", "commit_mb", "lease_seconds", "lease_wait", "status"),
+                        ("commit_seconds", "commit_mb", "commit_every", "lease_seconds", "lease_wait", "status"),
                         hidden=("overwrite",), check=_check_nightly,
                         doc="`rayseg nightly`: segment's options, how often to commit, and the lease on OUT; OUT is never cleared.")
 

@@ -3,7 +3,9 @@
 A run takes the lease before it reads the table's state and keeps it until it has committed its last wave; a
 thread renews it every third of its lifetime (--lease-seconds), and every commit renews it first, so a run that
 lost it stops before writing anything more. A second run finds a live lease and waits (--lease-wait) or stops
-with one sentence naming the holder. A lease left by a killed run expires and the next run takes it over.
+with one sentence naming the holder. A lease left by a killed run expires and the next run takes it over; on the
+host where the killed run lived, the next run takes it over at once, since it can see that the holder's process
+is gone (its pid is free, or now names a process started at another time).
 
 Taking and renewing are compare-and-swap writes, so two runs can never both believe they hold it:
 - S3: PutObject with `IfNoneMatch="*"` to take a free lease, `IfMatch=<ETag>` to renew or take over an expired one.
@@ -140,14 +142,64 @@ def _is_precondition_failure(e: Exception) -> bool:
 
 def describe(record: dict) -> str:
     left = max(0, record["expires_at"] - time.time())
+    at = time.strftime("%H:%M:%S UTC", time.gmtime(record["expires_at"]))
     return (f"run {record['run_id']} (host {record['host']}, pid {record['pid']}, started {record['acquired_at']}) "
-            f"holds it; its lease expires in {left:.0f} s unless renewed")
+            f"holds it; its lease expires at {at} (in {left:.0f} s) unless renewed, and --lease-wait SECONDS waits for it")
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22); None if it is gone or a zombie."""
+    stat = _read_text(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ", which may hold spaces: field 3 onwards
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def this_machine() -> dict | None:
+    """What names this process uniquely on this machine: boot, PID namespace, pid and start time (Linux only).
+
+    The boot id tells machines that share a host name apart (cloned VMs); the PID namespace, containers that
+    share one (host networking)."""
+    boot = _read_text("/proc/sys/kernel/random/boot_id")
+    try:
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pidns = None
+    started = _start_ticks(os.getpid())
+    if not boot or not pidns or started is None:
+        return None
+    return {"boot_id": boot.strip(), "pid_ns": pidns, "pid": os.getpid(), "start_ticks": started}
+
+
+def dead_here(record: dict) -> bool:
+    """Whether the lease's holder ran on this machine (same boot and PID namespace) and its process is gone.
+
+    Only then can a run tell for sure; for a holder elsewhere, or a lease without this record, expiry decides."""
+    held, here = record.get("process"), this_machine()
+    if not held or not here or record.get("host") != socket.gethostname():
+        return False
+    if (held.get("boot_id"), held.get("pid_ns")) != (here["boot_id"], here["pid_ns"]):
+        return False
+    return _start_ticks(held["pid"]) != held["start_ticks"]
+
+
+def _free(record: dict | None) -> bool:
+    return record is None or record["expires_at"] <= time.time() or dead_here(record)
 
 
 def holder(output: str, storage_options: dict) -> dict | None:
-    """The live lease on OUT, if any (for --status); an expired one counts as none."""
+    """The live lease on OUT, if any (for --status); an expired one, or one of a dead process here, counts as none."""
     record, _ = _Store(output, storage_options).read()
-    return record if record and record["expires_at"] > time.time() else None
+    return None if _free(record) else record
 
 
 class Lease:
@@ -164,6 +216,7 @@ class Lease:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._process = this_machine()
 
     def __enter__(self) -> Lease:
         self.acquire()
@@ -183,13 +236,15 @@ class Lease:
         t = time.time()
         return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(), "generation": generation,
                 "acquired_at": self.record.get("acquired_at") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)),
-                "renewed_at": t, "expires_at": t + self.ttl_s, "ttl_s": self.ttl_s, "progress": self.progress}
+                "renewed_at": t, "expires_at": t + self.ttl_s, "ttl_s": self.ttl_s, "progress": self.progress,
+                "process": self._process}
 
     def acquire(self) -> None:
         deadline = time.monotonic() + self.wait_s
         while True:
             current, etag = self.store.read()
-            if current is None or current["expires_at"] <= time.time():
+            if _free(current):
+                # the same conditional write whether the holder expired or died here: of two runs racing, one wins
                 try:
                     self.record = self._record((current or {}).get("generation", 0) + 1)
                     self.etag = self.store.write(self.record, etag)
@@ -197,12 +252,20 @@ class Lease:
                     continue
                 if current is not None and not current.get("released"):
                     self.previous = current
-                    log.warning("took over the expired lease of run %s (last renewed %.0f s ago)", current["run_id"],
-                                time.time() - current["renewed_at"])
+                    self._log_takeover(current)
                 return
             if time.monotonic() >= deadline:
                 raise LeaseHeld(f"another nightly run is writing {self.output}: {describe(current)}")
             time.sleep(min(POLL_S, max(0.05, deadline - time.monotonic())))
+
+    @staticmethod
+    def _log_takeover(current: dict) -> None:
+        ago = time.time() - current["renewed_at"]
+        if current["expires_at"] > time.time():
+            log.warning("took over the lease of run %s at once: its process (pid %s on this host) no longer exists "
+                        "(last renewed %.0f s ago)", current["run_id"], current["pid"], ago)
+        else:
+            log.warning("took over the expired lease of run %s (last renewed %.0f s ago)", current["run_id"], ago)
 
     @property
     def generation(self) -> int:

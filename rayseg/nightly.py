@@ -22,6 +22,7 @@ image). They are committed like any other and not retried until the shard, the m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,20 +31,30 @@ import uuid
 
 from rayseg import layout, storage, table
 from rayseg.cliutil import add_command, config_from, print_summary
-from rayseg.config import NightlyConfig, public_config
+from rayseg.config import KEYED, OPTIONS, NightlyConfig, public_config
 from rayseg.errors import UserError
 
 log = logging.getLogger("rayseg")
 
 RUNS_DIR = "_runs"
-# Every option that changes what a row holds. Not here: batch size, actors, threads, compile, address (same rows).
-KEYED_OPTIONS = ("input_size", "tile", "overlap", "tta", "mask_format", "objects", "min_area", "precision", "device",
-                 "max_pixels", "h5_key", "image_column")
+# The options the key held when it was first written, always in it, so that keys of existing manifests stay valid.
+# Frozen: an option marked keyed later enters the key only when it differs from its default (see output_key).
+FIRST_KEY = ("input_size", "tile", "overlap", "tta", "mask_format", "objects", "min_area", "precision", "device",
+             "max_pixels", "h5_key", "image_column")
 
 
-def output_key(cfg: NightlyConfig, digest: str) -> str:
-    keyed = {"model_digest": digest, **{k: getattr(cfg, k) for k in KEYED_OPTIONS}}
-    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+def keyed_options(cfg_cls=NightlyConfig) -> tuple[str, ...]:
+    """The options whose value changes a row (marked `rows=KEYED` in config.OPTIONS), in field order."""
+    return tuple(f.name for f in dataclasses.fields(cfg_cls) if OPTIONS[f.name].rows == KEYED)
+
+
+def output_key(cfg: NightlyConfig, bundle) -> str:
+    """A hash of the model's identity and every keyed option: the manifest's key for rows made this way."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    keyed = {k: getattr(cfg, k) for k in keyed_options(type(cfg)) if k in FIRST_KEY or getattr(cfg, k) != defaults[k]}
+    # a checkpoint's digest covers its card (architecture, classes); a fresh model's digest names only its weights
+    model = bundle.digest if cfg.checkpoint else f"{bundle.card.architecture}:{bundle.card.num_classes}:{bundle.digest}"
+    return hashlib.sha256(json.dumps({"model_digest": model, **keyed}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def backlog(shards: list[storage.Shard], records: dict[str, dict], key: str) -> dict[str, list[storage.Shard]]:
@@ -121,7 +132,7 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
     from rayseg.models import load_bundle
 
     bundle = load_bundle(cfg.checkpoint, cfg.model, cfg.num_classes, cfg.weights, cfg.input_size, so)
-    key = output_key(cfg, bundle.digest)
+    key = output_key(cfg, bundle)
     if cfg.status:
         return status(cfg, shards, key)
     state = table.read_state(cfg.output, so)

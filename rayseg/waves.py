@@ -1,11 +1,13 @@
-"""Waves: the rows of one Ray Data plan over all pending shards, committed a few thousand images at a time.
+"""Waves: the rows of one Ray Data plan over all pending shards, committed about once a minute.
 
 Rows reach the driver in any order, as the actors finish them. The read stage tells a progress.Counter how many
 rows each shard gave, so the writer knows when it holds all of a shard: until then the shard's rows wait in
-memory; then they go into the current wave's Parquet file. When the wave holds --commit-every images or
---commit-mb megabytes, the file is closed and committed (table.commit), and the next wave starts. A kill loses
-at most the wave in flight and the shards still arriving; their rows are never committed. Waiting for order
-instead would hold every commit behind the slowest early shard.
+memory; then they go into the current wave's Parquet file. When a shard completes and --commit-seconds have
+passed since the last commit (for the first wave: since the first rows arrived), or the wave's file reached
+--commit-mb megabytes, or it holds --commit-every images (a cap, off by default), the file is closed and
+committed (table.commit), and the next wave starts. Time, not a count, bounds what a kill loses whatever the
+model, cluster or backlog: the wave in flight and the shards still arriving, about --commit-seconds of work;
+their rows are never committed. Waiting for order instead would hold every commit behind the slowest early shard.
 
 Shards that were committed before (changed shards, a new model or output option) are replaced in the same
 commit: the files holding their old rows are removed, and the rows of other shards in those files are copied
@@ -50,6 +52,7 @@ class WaveWriter:
         self.received: dict[str, int] = {}
         self.written: set[str] = set()  # shards whose rows went into a wave (this one or a committed one)
         self.waves: list[dict] = []
+        self.since: float | None = None  # monotonic time of the last commit, or of the first rows
         self._reset()
 
     def _reset(self) -> None:
@@ -67,6 +70,8 @@ class WaveWriter:
     def add(self, batch: pa.Table) -> None:
         if not batch.num_rows:
             return
+        if self.since is None:
+            self.since = time.monotonic()
         for url in pc.unique(batch["shard"]).to_pylist():
             if url not in self.by_url:
                 raise RuntimeError(f"the plan gave a row for {url}, which is not pending")
@@ -90,7 +95,9 @@ class WaveWriter:
             self.close()
 
     def _full(self) -> bool:
-        return self.rows >= self.cfg.commit_every or self.bytes >= self.cfg.commit_mb * 2**20
+        cap = self.cfg.commit_every
+        return (time.monotonic() - (self.since or 0) >= self.cfg.commit_seconds or self.bytes >= self.cfg.commit_mb * 2**20
+                or (cap is not None and self.rows >= cap))
 
     def _write(self, piece: pa.Table, url: str) -> None:
         piece = conform(piece)
@@ -151,6 +158,7 @@ class WaveWriter:
                 "replaced_shards": len(redone), "files_removed": len(removes), "table_version": version,
                 "commit_s": round(time.perf_counter() - t0, 3)}
         self.waves.append(wave)
+        self.since = time.monotonic()
         log.info("wave %d committed: %d shards, %d images (table version %d)", wave["wave"], wave["shards"], wave["rows"], version)
         self._reset()
 

@@ -119,6 +119,14 @@ def test_nightly_commits_each_shard_once(ray_local, tmp_path):
     assert df.mask_png.isna().all() and df[df.error.isna()].mask_rle.notna().all()
     assert run(inp, out, checkpoint=ckpt_b, mask_format="rle")["nothing_new"]
 
+    # A changed --intensity changes what the model sees: it reprocesses too, and --status says so first.
+    status = run(inp, out, checkpoint=ckpt_b, mask_format="rle", intensity="fixed:0:100", status=True)
+    assert (status["shards_changed"], status["shards_done"]) == (5, 0)
+    seventh = run(inp, out, checkpoint=ckpt_b, mask_format="rle", intensity="fixed:0:100")
+    assert (seventh["shards_changed"], seventh["rows"]) == (5, 14)
+    assert_exactly_once(out, expected)
+    assert run(inp, out, checkpoint=ckpt_b, mask_format="rle", intensity="fixed:0:100")["nothing_new"]
+
 
 def test_nightly_ignores_what_a_killed_run_left(ray_local, tmp_path):
     """A kill leaves a wave file the log never named and a manifest part no commit names: neither counts."""
