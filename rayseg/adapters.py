@@ -90,9 +90,12 @@ class SourceBundle:
 
             return OnnxRunner(self, device, threads)
         from rayseg.adapters_torch import build
-        from rayseg.models import for_inference
+        from rayseg.models import fold_batch_norm
 
-        return for_inference(build(self), device, compile)
+        model = build(self)  # adapters_torch.Logits around the model: batch norm folded inside, where fx can trace
+        model.model = fold_batch_norm(model.model)
+        model = model.to(device, memory_format=torch.channels_last)
+        return torch.compile(model) if compile else model
 
 
 def digest_of(files, card: ModelCard, target: str) -> str:

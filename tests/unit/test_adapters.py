@@ -124,3 +124,74 @@ def test_onnx_session_threads_follow_the_predictor(tmp_path):
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     out = p({"image": np.zeros((2, 40, 40, 3), np.uint8), "image_id": np.array(["a", "b"], dtype=object), "error": np.array([None, None])})
     assert out["mask"][0].shape == (40, 40) and list(out["error"]) == [None, None]
+
+
+def smp_unet():
+    """An entry point: the same smp Unet the smp: source builds by name (random weights; --weights fills them)."""
+    import segmentation_models_pytorch as smp
+
+    return smp.Unet("resnet18", encoder_weights=None, in_channels=3, classes=3)
+
+
+def test_smp_unet_by_name_and_by_entry_point_gives_identical_masks(tmp_path):
+    pytest.importorskip("segmentation_models_pytorch")
+    from safetensors.torch import save_file
+
+    from rayseg.config import PredictConfig
+
+    torch.manual_seed(5)
+    save_file(smp_unet().state_dict(), str(tmp_path / "unet.safetensors"))
+    weights = str(tmp_path / "unet.safetensors")
+    by_name = load_model(cfg("smp:unet:resnet18", weights=weights, num_classes=3))
+    by_code = load_model(cfg(f"python:{__name__}:smp_unet", weights=weights, num_classes=3, trust_model_code=True))
+    assert by_name.card.size_divisor == 32 and by_name.label.startswith("smp:unet:resnet18@")
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8), "error": np.array([None] * 3)}
+    masks = [Predictor(b, PredictConfig(device="cpu", batch_size=4))(dict(batch))["mask"] for b in (by_name, by_code)]
+    assert all(np.array_equal(a, b) for a, b in zip(*masks))
+    assert len({m.tobytes() for m in masks[0]}) > 1  # not one constant mask
+
+
+def test_smp_refuses_pickled_weights(tmp_path):
+    pytest.importorskip("segmentation_models_pytorch")
+    import pickle
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"x": print}))
+    with pytest.raises(UserError, match="cannot read the weights .* as a state dict without running code"):
+        load_model(cfg("smp:unet:resnet18", weights=str(tmp_path / "evil.pt"), num_classes=3))
+
+
+def tiny_segformer(folder, num_labels=3, auto_map=False, safetensors=True):
+    """A random-weight SegFormer (a few thousand parameters) saved with save_pretrained, with its preprocessor config."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    config = SegformerConfig(num_channels=3, depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 1, 1, 1],
+                             decoder_hidden_size=16, num_labels=num_labels,
+                             id2label={i: f"c{i}" for i in range(num_labels)}, label2id={f"c{i}": i for i in range(num_labels)})
+    torch.manual_seed(2)
+    model = SegformerForSemanticSegmentation(config).eval()
+    model.save_pretrained(folder, safe_serialization=safetensors)
+    SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
+    if auto_map:
+        path = f"{folder}/config.json"
+        d = json.load(open(path))
+        d["auto_map"] = {"AutoModelForSemanticSegmentation": "modeling_evil.Evil"}
+        json.dump(d, open(path, "w"))
+    return model
+
+
+def test_huggingface_card_and_refusals(tmp_path):
+    pytest.importorskip("transformers")
+    tiny_segformer(str(tmp_path / "ok"))
+    bundle = load_model(cfg(f"hf:{tmp_path / 'ok'}"))
+    card = bundle.card
+    assert (card.num_classes, card.names(), card.input_size, card.size_divisor) == (3, ["c0", "c1", "c2"], 64, 32)
+    assert card.mean == pytest.approx((0.485, 0.456, 0.406))
+    tiny_segformer(str(tmp_path / "remote"), auto_map=True)
+    with pytest.raises(UserError, match=r"asks for remote code \(auto_map in config.json\)"):
+        load_model(cfg(f"hf:{tmp_path / 'remote'}"))
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text(json.dumps({"model_type": "segformer"}))
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(UserError, match=r"has no model.safetensors; rayseg does not load pickled weights"):
+        load_model(cfg(f"hf:{tmp_path / 'pickled'}"))
