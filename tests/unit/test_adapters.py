@@ -195,3 +195,30 @@ def test_huggingface_card_and_refusals(tmp_path):
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(UserError, match=r"has no model.safetensors; rayseg does not load pickled weights"):
         load_model(cfg(f"hf:{tmp_path / 'pickled'}"))
+
+
+def test_in_graph_normalisation_equals_the_hosts():
+    """What an exported graph computes from raw pixels is what segment computes on the host (rayseg.intensity)."""
+    from rayseg.export import Exported
+    from rayseg.intensity import Intensity, normalise
+    from rayseg.models import ModelCard
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 4000, (37, 53, 2)).astype(np.uint16)
+    card = ModelCard("x", 2, in_channels=2, mean=(0.4, 0.5), std=(0.2, 0.3))
+    x = torch.from_numpy(img.astype(np.float32)).permute(2, 0, 1)[None]
+    for norm in (Intensity("percentile", 1.0, 99.8), Intensity("fixed", 100.0, 3000.0),
+                 Intensity("dataset", 0.5, 99.5, ((50.0, 3900.0), (10.0, 3000.0)), (2000.0, 1500.0), (900.0, 800.0), 1000)):
+        graph = Exported(torch.nn.Identity(), card, norm, 1, False, False).scaled(x)[0].permute(1, 2, 0).numpy()
+        host = normalise(img, norm, card.mean, card.std)
+        np.testing.assert_allclose(graph, host, rtol=1e-5, atol=1e-3)
+
+
+def test_a_graph_for_8bit_pixels_turns_deeper_images_into_error_rows():
+    from rayseg.intensity import Inputs
+    from rayseg.models import ModelCard
+
+    card = ModelCard("onnx:x", 2, in_channels=1, intensity={"mode": "none", "spec": "none"}, input_dtypes=("uint8",))
+    images = [np.zeros((8, 8, 1), np.uint8), np.zeros((8, 8, 1), np.uint16)]
+    _, errors = Inputs(card)(images, None, [None, None])
+    assert errors == [None, "the model takes uint8 images; this one is uint16"]
