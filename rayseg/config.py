@@ -284,11 +284,13 @@ NightlyConfig = compose("NightlyConfig", MODEL, ("inputs",), OUTPUT, STORAGE, RE
 
 
 def _check_evaluate(cfg) -> None:
-    _require("--checkpoint", cfg.checkpoint, "--checkpoint is required")
+    from rayseg.adapters import source_kind
+
+    _require("--checkpoint", cfg.checkpoint or source_kind(cfg.model), "--checkpoint is required (or --model naming a model of your own)")
     _require("--data", cfg.data, "--data is required: labelled data to evaluate on")
 
 
-EvalConfig = compose("EvalConfig", ("checkpoint",), LABELLED, ("json",), PREDICT, POOL, STORAGE, CLUSTER,
+EvalConfig = compose("EvalConfig", MODEL, LABELLED, ("json",), PREDICT, POOL, STORAGE, CLUSTER,
                      defaults={"batch_size": 16}, check=_check_evaluate, doc="`rayseg evaluate`: a checkpoint scored on labelled data.")
 
 
