@@ -144,7 +144,8 @@ OPTIONS: dict[str, Option] = {
     # output
     "inputs": Option(tuple[str, ...], (), "input paths, globs or URLs (any fsspec protocol)",
                      meta={"positional": True, "optional": True}),  # optional: a --config YAML may give them
-    "output": Option(str, "", "output folder URL (report: the segment output it describes)", meta={"short": "-o"}),
+    "output": Option(str, "", "output folder URL (report: the segment output it describes; export: the file to write)",
+                     meta={"short": "-o"}),
     "mask_format": Option(str, "png", "png, rle or both", meta={"choices": ("png", "rle", "both")}),
     "objects": Option(bool, False, "also write one row per connected component to OUT/objects/"),
     "min_area": Option(int, 0, "with --objects: drop components smaller than this many pixels", _at_least(0)),

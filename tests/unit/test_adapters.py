@@ -222,3 +222,15 @@ def test_a_graph_for_8bit_pixels_turns_deeper_images_into_error_rows():
     images = [np.zeros((8, 8, 1), np.uint8), np.zeros((8, 8, 1), np.uint16)]
     _, errors = Inputs(card)(images, None, [None, None])
     assert errors == [None, "the model takes uint8 images; this one is uint16"]
+
+
+def test_with_mask_adds_the_argmax_and_the_top_probability():
+    from rayseg.export import Exported
+    from rayseg.intensity import Intensity
+    from rayseg.models import ModelCard
+
+    model = torch.nn.Conv2d(1, 3, 1)
+    card = ModelCard("x", 3, in_channels=1, mean=(0.0,), std=(1 / 255,))
+    logits, mask, prob = Exported(model, card, Intensity("none"), 1, False, True)(torch.rand(2, 1, 16, 24) * 255)
+    assert torch.equal(mask, logits.argmax(1).to(torch.uint8))
+    assert torch.allclose(prob, logits.softmax(1).max(1).values)
