@@ -140,15 +140,19 @@ def test_smp_unet_by_name_and_by_entry_point_gives_identical_masks(tmp_path):
     from rayseg.config import PredictConfig
 
     torch.manual_seed(5)
-    save_file(smp_unet().state_dict(), str(tmp_path / "unet.safetensors"))
+    model = smp_unet()
+    save_file(model.state_dict(), str(tmp_path / "unet.safetensors"))
+    model.save_pretrained(str(tmp_path / "folder"))
     weights = str(tmp_path / "unet.safetensors")
     by_name = load_model(cfg("smp:unet:resnet18", weights=weights, num_classes=3))
     by_code = load_model(cfg(f"python:{__name__}:smp_unet", weights=weights, num_classes=3, trust_model_code=True))
+    by_folder = load_model(cfg(f"smp:{tmp_path / 'folder'}"))  # its config.json says 3 classes: no flag needed
     assert by_name.card.size_divisor == 32 and by_name.label.startswith("smp:unet:resnet18@")
+    assert by_folder.card.architecture == "smp:Unet:resnet18" and by_folder.card.num_classes == 3
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8), "error": np.array([None] * 3)}
-    masks = [Predictor(b, PredictConfig(device="cpu", batch_size=4))(dict(batch))["mask"] for b in (by_name, by_code)]
-    assert all(np.array_equal(a, b) for a, b in zip(*masks))
+    masks = [Predictor(b, PredictConfig(device="cpu", batch_size=4))(dict(batch))["mask"] for b in (by_name, by_code, by_folder)]
+    assert all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(*masks))
     assert len({m.tobytes() for m in masks[0]}) > 1  # not one constant mask
 
 
