@@ -100,13 +100,17 @@ def in_process(target, *args) -> tuple[dict, dict]:
 # -- the three measurements -------------------------------------------------------------------
 
 def _setup_torch(cfg: dict):
-    from rayseg.models import for_inference, load_bundle
+    from rayseg.adapters import load_model
+    from rayseg.config import ModelConfig
     from rayseg.devices import resolve_device
     from rayseg.predict import autocast_dtype
 
-    bundle = load_bundle(cfg["checkpoint"], cfg["model"], cfg["num_classes"], cfg["weights"], cfg["input_size"])
+    bundle = load_model(ModelConfig(**{k: cfg[k] for k in ModelConfig.__dataclass_fields__}))
     device = resolve_device(cfg["device"])
-    model = for_inference(bundle.build(), device, cfg["compile"])  # the predictor's own model: like with like
+    # the predictor's own runner: like with like (torch: batch norm folded, channels_last; ONNX: its session)
+    import torch
+
+    model = bundle.runner(device, cfg["compile"], threads=cfg.get("threads") or torch.get_num_threads())  # ONNX: torch's count
     mean, std = bundle.card.pixel_mean_std(device)
     return bundle, device, autocast_dtype(device, cfg["precision"]), model, mean, std
 
@@ -119,7 +123,7 @@ def model_only(cfg: dict, q) -> None:
 
         bundle, device, amp, model, mean, std = _setup_torch(cfg)
         s, b = bundle.card.input_size, cfg["batch_size"]
-        stack = np.random.default_rng(0).integers(0, 256, (b, s, s, 3), dtype=np.uint8)
+        stack = np.random.default_rng(0).integers(0, 256, (b, s, s, bundle.card.in_channels), dtype=np.uint8)
         x = torch.from_numpy(stack).to(device).permute(0, 3, 1, 2).float()  # NCHW view of NHWC memory: channels_last
         x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 

@@ -17,7 +17,7 @@ from rayseg.errors import EnvError, UserError
 
 # command -> the module that registers it, in --help order
 COMMANDS = {"segment": "segment", "synth": "synth", "train": "train", "evaluate": "evaluate", "demo": "demo",
-            "nightly": "nightly", "report": "report", "bench": "bench", "doctor": "doctor"}
+            "nightly": "nightly", "report": "report", "bench": "bench", "doctor": "doctor", "export": "export"}
 RAY_COMMANDS = {"segment", "train", "evaluate", "demo", "nightly", "bench"}  # the ones that start or join Ray
 
 

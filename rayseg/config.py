@@ -61,6 +61,12 @@ def _actors(flag: str, value: str) -> None:
         actor_range(value)
 
 
+def _model_name(flag: str, value: str) -> None:
+    from rayseg.adapters import check_name
+
+    check_name(flag, value)
+
+
 def _intensity(flag: str, value: str) -> None:
     from rayseg.intensity import check_spec
 
@@ -107,10 +113,19 @@ OPTIONS: dict[str, Option] = {
     "cpus_per_gpu": Option(int, 4, "CPUs each GPU predictor actor reserves: it decodes and encodes that many batches at once "
                                    "on them while the GPU runs one at a time", _at_least(1)),
     # model
-    "model": Option(str, "lraspp_mobilenet_v3_large", "model architecture", meta={"choices": MODEL_NAMES}, rows=BY_MODEL),
+    "model": Option(str, "lraspp_mobilenet_v3_large", f"model: one of {', '.join(MODEL_NAMES)}; or a model of your own "
+                    "(rayseg.adapters): FILE.onnx, FILE.pt2, hf:FOLDER, smp:ARCH[:ENCODER], python:MODULE:FACTORY", _model_name),
     "num_classes": Option(int, 2, "number of classes, background included", _between(1, 255, "between 1 and 255"),
                           {"auto": "3 for shapes, 2 for blobs"}, rows=BY_MODEL),
-    "weights": Option(str | None, None, "torchvision weights name (e.g. DEFAULT); needs a model hub", rows=BY_MODEL),
+    "weights": Option(str | None, None, "torchvision weights name (e.g. DEFAULT; needs a model hub); for smp: and python: "
+                                        "models the weights FILE or URL (safetensors, or a state dict)", rows=BY_MODEL),
+    "mean": Option(tuple[float, ...], (), "per channel, the mean the model's input is standardised by, in 0..1 units "
+                                          "(default: the card's; ImageNet's for RGB)", rows=KEYED),
+    "std": Option(tuple[float, ...], (), "per channel, the std the model's input is standardised by, in 0..1 units", rows=KEYED),
+    "trust_model_code": Option(bool, False, "allow model sources that run code when loaded: .pt2 files (they unpickle) and "
+                                            "python: entry points (they import); only for files you trust", rows=SAME),
+    "to": Option(str, "onnx", "export format", meta={"choices": ("onnx", "pt2")}, rows=SAME),
+    "with_mask": Option(bool, False, "export: also output the argmax mask and the top probability, beside the logits", rows=SAME),
     "checkpoint": Option(str | None, None, "rayseg checkpoint directory URL (overrides --model/--num-classes)", rows=BY_MODEL),
     "input_size": Option(int | None, None, "side of the square model input (default: checkpoint's, else 256)", _at_least(16), rows=KEYED),
     # read
@@ -136,7 +151,8 @@ OPTIONS: dict[str, Option] = {
     # output
     "inputs": Option(tuple[str, ...], (), "input paths, globs or URLs (any fsspec protocol)",
                      meta={"positional": True, "optional": True}, rows=SAME),  # optional: a --config YAML may give them
-    "output": Option(str, "", "output folder URL (report: the segment output it describes)", meta={"short": "-o"}, rows=SAME),
+    "output": Option(str, "", "output folder URL (report: the segment output it describes; export: the file to write)",
+                     meta={"short": "-o"}, rows=SAME),
     "mask_format": Option(str, "png", "png, rle or both", meta={"choices": ("png", "rle", "both")}, rows=KEYED),
     "objects": Option(bool, False, "also write one row per connected component to OUT/objects/", rows=KEYED),
     "min_area": Option(int, 0, "with --objects: drop components smaller than this many pixels", _at_least(0), rows=KEYED),
@@ -156,7 +172,8 @@ OPTIONS: dict[str, Option] = {
     "workers": Option(int, 2, "Ray Train workers (DDP ranks)", _at_least(1)),
     "use_gpu": Option(bool, False, "one GPU per worker (NCCL, bf16 autocast)"),
     "seed": Option(int, 0, "random seed (model initialisation, augmentations, samples); the same seed gives the same result"),
-    "in_channels": Option(int | None, None, "input channels of the model (default: the training images'; grey and RGB mixed: 3)",
+    "in_channels": Option(int | None, None, "input channels of the model (train: default the training images', grey and RGB "
+                                            "mixed: 3; a model file that does not record it: 3)",
                           _at_least(1)),
     "max_failures": Option(int, 3, "worker failures to recover from (from the last checkpoint)"),
     "keep_checkpoints": Option(int, 2, "checkpoints kept: this many best by val mIoU, plus the latest", _at_least(1)),
@@ -198,7 +215,7 @@ OPTIONS: dict[str, Option] = {
 STORAGE = ("storage_options",)
 CLUSTER = ("address", "quiet", "verbose", "dashboard")
 POOL = ("actors", "threads", "cpus_per_gpu")
-MODEL = ("model", "num_classes", "weights", "checkpoint", "input_size")
+MODEL = ("model", "num_classes", "weights", "checkpoint", "input_size", "in_channels", "class_names", "mean", "std", "trust_model_code")
 READ = ("h5_key", "image_column", "max_pixels")
 LABELLED = ("data", "h5_key", "mask_key", "mask_mode", "max_pixels")
 PREDICT = ("batch_size", "device", "precision", "tile", "overlap", "tta", "compile", "intensity")
@@ -276,11 +293,13 @@ NightlyConfig = compose("NightlyConfig", MODEL, ("inputs",), OUTPUT, STORAGE, RE
 
 
 def _check_evaluate(cfg) -> None:
-    _require("--checkpoint", cfg.checkpoint, "--checkpoint is required")
+    from rayseg.adapters import source_kind
+
+    _require("--checkpoint", cfg.checkpoint or source_kind(cfg.model), "--checkpoint is required (or --model naming a model of your own)")
     _require("--data", cfg.data, "--data is required: labelled data to evaluate on")
 
 
-EvalConfig = compose("EvalConfig", ("checkpoint",), LABELLED, ("json",), PREDICT, POOL, STORAGE, CLUSTER,
+EvalConfig = compose("EvalConfig", MODEL, LABELLED, ("json",), PREDICT, POOL, STORAGE, CLUSTER,
                      defaults={"batch_size": 16}, check=_check_evaluate, doc="`rayseg evaluate`: a checkpoint scored on labelled data.")
 
 
@@ -339,10 +358,18 @@ SynthConfig = compose("SynthConfig", ("out", "layout", "labelled", "count", "see
                       defaults={"layout": "h5", "count": 100, "num_classes": None}, positional=("out",), check=_check_synth,
                       doc="`rayseg synth`: what archive to write; checked further by synth.check_options.")
 
+def _check_export(cfg) -> None:
+    _require("CHECKPOINT", cfg.checkpoint, "give the rayseg CHECKPOINT folder to export")
+    _require("--output", cfg.output, "--output FILE is required")
+
+
+ExportConfig = compose("ExportConfig", ("checkpoint", "to", "output", "with_mask", "intensity"), STORAGE, positional=("checkpoint",),
+                       check=_check_export, doc="`rayseg export`: a checkpoint as ONNX or torch.export, its pre- and post-processing inside.")
+
 DoctorConfig = compose("DoctorConfig", ("gpu", "json", "workdir"), doc="`rayseg doctor`: what to check and where to write it.")
 
 COMMAND_CONFIGS = {"synth": SynthConfig, "segment": SegmentConfig, "nightly": NightlyConfig, "evaluate": EvalConfig, "train": TrainConfig,
-                   "bench": BenchConfig, "demo": DemoConfig, "report": ReportConfig, "doctor": DoctorConfig}
+                   "bench": BenchConfig, "demo": DemoConfig, "report": ReportConfig, "doctor": DoctorConfig, "export": ExportConfig}
 
 
 def public_config(cfg) -> dict:

@@ -59,11 +59,11 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
     """Run `rayseg evaluate`; returns the results (also written to --json when given)."""
     from rayseg import runtime
     from rayseg.labelled import find_pairs
-    from rayseg.models import load_bundle
+    from rayseg.adapters import load_model
 
     cfg = config if config is not None else config_from(EvalConfig, kwargs)
     started, t0, so = layout.now(), time.perf_counter(), cfg.storage_options
-    bundle = load_bundle(cfg.checkpoint, storage_options=so)
+    bundle = load_model(cfg, so)
     k = bundle.card.num_classes
     units, ignored = find_pairs(cfg.data, so)  # a wrong path fails here, before Ray starts
     runtime.ensure_ray(cfg.address, cfg.quiet, cfg.dashboard)

@@ -228,12 +228,15 @@ class Inputs:
         self.norm = resolve(card.intensity, override)
         self.channels = card.in_channels
         self.mean, self.std = tuple(card.mean), tuple(card.std)
+        self.dtypes = tuple(getattr(card, "input_dtypes", ()))  # an exported graph for 8-bit pixels takes only those
 
     def one(self, img: np.ndarray, dtype: str | None = None) -> np.ndarray:
         if img.ndim == 2:
             img = img[:, :, None]
         if dtype and img.dtype.name != dtype:
             img = img.astype(dtype)
+        if self.dtypes and img.dtype.name not in self.dtypes:
+            raise ValueError(f"the model takes {' or '.join(self.dtypes)} images; this one is {img.dtype.name}")
         c = img.shape[-1]
         if c == 4 and self.channels == 3:
             img, c = img[..., :3], 3

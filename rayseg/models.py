@@ -160,6 +160,8 @@ class ModelCard:
     rayseg_version: str = ""
     in_channels: int = 3
     intensity: dict | None = None  # rayseg.intensity's record; None: a card from before it was kept (16-bit / 257)
+    size_divisor: int = 1  # the predictor pads each input to a multiple of this (a model's total stride)
+    input_dtypes: tuple[str, ...] = ()  # only these image dtypes (an exported graph for 8-bit pixels); () = any
 
     def pixel_mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalisation in 0..255 units, shaped (1, C, 1, 1): (x - mean) / std of a uint8 image as float."""
@@ -177,12 +179,18 @@ class ModelCard:
         return list(self.class_names) if self.class_names else [f"class_{i}" for i in range(self.num_classes)]
 
     def to_json(self) -> dict:
-        return {**self.__dict__, "class_names": self.names(), "mean": list(self.mean), "std": list(self.std), "trained_on": list(self.trained_on)}
+        d = {**self.__dict__, "class_names": self.names(), "mean": list(self.mean), "std": list(self.std), "trained_on": list(self.trained_on)}
+        for k, default in (("size_divisor", 1), ("input_dtypes", ())):  # written only when set: old cards' bytes (and digests) stay
+            if d[k] == default:
+                del d[k]
+            elif k == "input_dtypes":
+                d[k] = list(d[k])
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "ModelCard":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for k in ("class_names", "mean", "std", "trained_on"):
+        for k in ("class_names", "mean", "std", "trained_on", "input_dtypes"):
             if k in known:
                 known[k] = tuple(known[k])
         return cls(**known)
@@ -200,6 +208,10 @@ class ModelBundle:
     @property
     def label(self) -> str:
         return f"{self.card.architecture}@{self.digest[:16] if self.weights else self.digest}"
+
+    def runner(self, device: torch.device, compile: bool = False, threads: int | None = None):
+        """The adapter protocol (rayseg.adapters): a callable, normalised float NCHW on `device` -> logits NKH'W'."""
+        return for_inference(self.build(), device, compile)
 
     def build(self) -> nn.Module:
         torch.manual_seed(0)  # every actor builds the same random model, so masks don't depend on which actor ran

@@ -129,9 +129,9 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
     _check_layout(cfg)
     shards, ignored = storage.discover(cfg.inputs, so)
 
-    from rayseg.models import load_bundle
+    from rayseg.adapters import load_model
 
-    bundle = load_bundle(cfg.checkpoint, cfg.model, cfg.num_classes, cfg.weights, cfg.input_size, so)
+    bundle = load_model(cfg, so)
     key = output_key(cfg, bundle)
     if cfg.status:
         return status(cfg, shards, key)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from rayseg.decode import errors_of
 from rayseg.devices import HostFeed, nvidia_driver_version, resolve_device
 from rayseg.intensity import Inputs
-from rayseg.models import ModelBundle, for_inference
+from rayseg.models import ModelBundle
 from rayseg.tiling import blended_bands, sliding_window
 
 log = logging.getLogger("rayseg")
@@ -61,6 +61,20 @@ def mask_and_confidence(lg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask.to(torch.uint8), conf
 
 
+def fit_logits(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, divisor: int = 1) -> torch.Tensor:
+    """What every model shares, around its forward pass: x (NCHW) padded to a multiple of `divisor` (reflected where
+    the image is large enough, else replicated), logits upsampled bilinearly to the padded size when the model gives
+    fewer (SegFormer: a quarter), then cropped back to x's size; float32."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % divisor, (-w) % divisor
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="reflect" if h > ph and w > pw else "replicate")
+    out = model(x).float()
+    if out.shape[-2:] != x.shape[-2:]:
+        out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return out[..., :h, :w] if ph or pw else out
+
+
 class Predictor:
     """Ray Data callable class: `__init__` builds the model once per actor, `__call__` handles one batch.
 
@@ -88,7 +102,8 @@ class Predictor:
         self.card = bundle.card
         self.inputs = Inputs(bundle.card, getattr(opts, "intensity", ""))  # dtype, channels and normalisation, per the card
         self.size = bundle.card.input_size
-        self.model = for_inference(bundle.build(), self.device, opts.compile)
+        self.model = bundle.runner(self.device, opts.compile, threads)  # rayseg.adapters: the model behind its adapter
+        self.divisor = max(1, bundle.card.size_divisor)
         self.mean, self.std = bundle.card.pixel_mean_std(self.device)
         self.label = bundle.label
         self.report = report
@@ -149,7 +164,7 @@ class Predictor:
         outs = []
         for chunk in x.split(batch_size or self.batch_size):
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                outs.append(self.model(chunk).float())
+                outs.append(fit_logits(self.model, chunk, self.divisor))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def needs_tiling(self, h: int, w: int) -> bool:

@@ -118,9 +118,9 @@ def start_up(cfg: SegmentConfig, clock: layout.Timeline):
     clock.mark("discovered")
 
     def check_model():
-        from rayseg.models import load_bundle
+        from rayseg.adapters import load_model
 
-        bundle = load_bundle(cfg.checkpoint, cfg.model, cfg.num_classes, cfg.weights, cfg.input_size, so)
+        bundle = load_model(cfg, so)
         clock.mark("model_checked")
         return bundle
 
