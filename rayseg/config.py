@@ -114,7 +114,7 @@ OPTIONS: dict[str, Option] = {
                                    "on them while the GPU runs one at a time", _at_least(1)),
     # model
     "model": Option(str, "lraspp_mobilenet_v3_large", f"model: one of {', '.join(MODEL_NAMES)}; or a model of your own "
-                    "(rayseg.adapters): FILE.onnx, FILE.pt2, hf:FOLDER, smp:ARCH[:ENCODER], python:MODULE:FACTORY", _model_name),
+                    "(rayseg.adapters): FILE.onnx, FILE.pt2, hf:FOLDER, smp:ARCH[:ENCODER], python:MODULE:FACTORY", _model_name, rows=BY_MODEL),
     "num_classes": Option(int, 2, "number of classes, background included", _between(1, 255, "between 1 and 255"),
                           {"auto": "3 for shapes, 2 for blobs"}, rows=BY_MODEL),
     "weights": Option(str | None, None, "torchvision weights name (e.g. DEFAULT; needs a model hub); for smp: and python: "
@@ -163,7 +163,7 @@ OPTIONS: dict[str, Option] = {
                                         "made there before (bench default: a temporary folder, removed)"),
     # train
     "val_data": Option(tuple[str, ...], (), "labelled validation data, same layouts"),
-    "class_names": Option(tuple[str, ...], (), "class names, background first (default: class_0, class_1, ...)"),
+    "class_names": Option(tuple[str, ...], (), "class names, background first (default: class_0, class_1, ...)", rows=SAME),
     "epochs": Option(int, 10, "epochs to train (a resumed run continues up to this many)", _at_least(1)),
     "lr": Option(float, 1e-3, "peak learning rate (AdamW, warm-up then cosine decay)"),
     "weight_decay": Option(float, 1e-4, "AdamW weight decay"),
@@ -174,7 +174,7 @@ OPTIONS: dict[str, Option] = {
     "seed": Option(int, 0, "random seed (model initialisation, augmentations, samples); the same seed gives the same result"),
     "in_channels": Option(int | None, None, "input channels of the model (train: default the training images', grey and RGB "
                                             "mixed: 3; a model file that does not record it: 3)",
-                          _at_least(1)),
+                          _at_least(1), rows=KEYED),
     "max_failures": Option(int, 3, "worker failures to recover from (from the last checkpoint)"),
     "keep_checkpoints": Option(int, 2, "checkpoints kept: this many best by val mIoU, plus the latest", _at_least(1)),
     # bench

@@ -9,11 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time

@@ -65,6 +65,7 @@ def data_files(out: Path) -> list[str]:
     return sorted(open_table(str(out), None).file_uris())
 
 
+@pytest.mark.flow("nightly")
 def test_nightly_commits_each_shard_once(ray_local, tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
@@ -189,6 +190,7 @@ def committed_version(out: Path) -> int:
     return int(logs[-1].stem) if logs else -1
 
 
+@pytest.mark.flow("nightly-driver-killed")
 @pytest.mark.timeout(420)
 def test_nightly_driver_killed_at_random_moments(tmp_path):
     """SIGKILL the nightly driver 3 times at random moments, then run it to the end."""
@@ -232,6 +234,7 @@ def test_nightly_driver_killed_at_random_moments(tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+@pytest.mark.flow("nightly-s3")
 def test_nightly_on_object_storage(ray_local, s3, tmp_path):
     """Shards and OUT on S3 (a real S3 endpoint): versions are ETags; the table's log and lease use conditional puts."""
     import s3fs

@@ -162,6 +162,7 @@ def _exists(site: Site) -> bool:
 # ---- a kill late in a run ----------------------------------------------------------------------------------
 
 
+@pytest.mark.flow("nightly-killed")
 @pytest.mark.timeout(900)
 def test_kill_at_85_percent_redoes_at_most_one_wave(site, env):
     """20 shards x 10 images, waves of 15% (30 images): SIGKILL at 85% of a fresh run's time, then run again.
@@ -239,6 +240,7 @@ def kill_and_rerun_at_once(site: Site, env: dict, cmd: list[str], expected: dict
     return {"committed": len(at_kill), "lease": held}
 
 
+@pytest.mark.flow("nightly-waves-by-time")
 @pytest.mark.timeout(600)
 def test_waves_by_time_keep_most_of_a_killed_runs_work(site, env):
     """Options as a user leaves them but --commit-seconds 1: SIGKILL once 70% of the images are done. At least half
@@ -334,6 +336,7 @@ def test_loose_files_make_few_files_and_a_rerun_is_instant(ray_local, tmp_path):
 # ---- two runs at once --------------------------------------------------------------------------------------
 
 
+@pytest.mark.flow("lease-two-runs")
 @pytest.mark.timeout(900)
 def test_two_runs_on_one_output(site, env):
     """Run A starts; 3 s later run B (other shards) is refused in one sentence, and run C (B's shards, --lease-wait)
@@ -388,6 +391,7 @@ def _commit_runs(site: Site) -> list[str | None]:
 # ---- a reader during a run ---------------------------------------------------------------------------------
 
 
+@pytest.mark.flow("nightly-reader-polling")
 @pytest.mark.timeout(900)
 def test_reader_polling_during_runs_sees_whole_shards_once(site, env):
     """Poll the table the documented way while a run commits waves, then while a second run replaces every row
@@ -422,6 +426,7 @@ def test_reader_polling_during_runs_sees_whole_shards_once(site, env):
 # ---- a lease left by a killed run --------------------------------------------------------------------------
 
 
+@pytest.mark.flow("lease-takeover")
 @pytest.mark.timeout(600)
 def test_killed_runs_lease_on_another_host_expires_and_is_taken_over(tmp_path, env):
     """A run on another host cannot see whether the holder's process lives, so the lease's expiry decides: a run
@@ -463,6 +468,7 @@ def _rewrite_lease(site: Site, **changes) -> None:
 # ---- objects -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.flow("nightly-objects")
 @pytest.mark.timeout(600)
 def test_objects_are_committed_with_their_images_across_a_kill(tmp_path, env):
     site = Site(tmp_path / "data")

@@ -5,7 +5,6 @@ All models are random-weight ones built from configs, so nothing is downloaded."
 
 from __future__ import annotations
 
-import io
 
 import cv2
 import numpy as np
@@ -69,6 +68,7 @@ def exported(tmp_path_factory):
     return ckpt, files
 
 
+@pytest.mark.flow("own-model-export")
 def test_exported_files_segment_like_the_checkpoint(ray_local, grey_archive, exported, tmp_path):
     ckpt, files = exported
     segment(inputs=[grey_archive], output=str(tmp_path / "ckpt"), checkpoint=ckpt, quiet=True)
@@ -84,6 +84,7 @@ def test_exported_files_segment_like_the_checkpoint(ray_local, grey_archive, exp
         assert agree >= 0.999, (fmt, agree)
 
 
+@pytest.mark.flow("own-model-hf")
 def test_segformer_folder_segments_like_its_own_logits_upsampled(ray_local, tmp_path):
     pytest.importorskip("transformers")
     from unit.test_adapters import tiny_segformer
@@ -107,6 +108,7 @@ def test_segformer_folder_segments_like_its_own_logits_upsampled(ray_local, tmp_
         assert np.mean(got[name] == want) >= 0.999, name
 
 
+@pytest.mark.flow("own-model-nightly")
 def test_nightly_with_an_onnx_model_reprocesses_when_the_file_changes(ray_local, tmp_path):
     from unit.test_adapters import conv_onnx
 

@@ -33,6 +33,18 @@ FLOWS = {
     "evaluate": "evaluate against a single-process reference",
     "bench": "rayseg bench produces every figure",
     "lease-takeover-fenced": "a nightly run stalled between renewal and commit is fenced out by the run that took over",
+    "nightly": "nightly commits each shard once and reprocesses what changed",
+    "nightly-driver-killed": "the nightly driver SIGKILLed at random moments, then run to the end",
+    "nightly-s3": "nightly with shards and output on S3",
+    "nightly-killed": "nightly killed at 85%, locally and on S3: at most one wave redone",
+    "nightly-waves-by-time": "waves closed by time keep most of a killed run's work; the rerun takes over at once",
+    "lease-two-runs": "two nightly runs on one output: one writes, the other waits or exits",
+    "nightly-reader-polling": "readers polling during runs see whole shards once",
+    "lease-takeover": "a killed run's lease from another host expires and is taken over",
+    "nightly-objects": "objects committed with their images across a kill",
+    "own-model-export": "a checkpoint exported to ONNX and .pt2 segments like the checkpoint",
+    "own-model-hf": "a Hugging Face SegFormer folder segments end to end",
+    "own-model-nightly": "nightly with an ONNX model reprocesses when the file changes",
 }
 
 
