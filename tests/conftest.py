@@ -15,9 +15,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
-# The suite runs on pytest-xdist workers (pyproject: `-n 2 --dist loadfile`): a file's tests stay on one worker, so
-# a module's fixtures (a trained model, a two-node cluster) are built once. The files that take longest go first,
-# so both workers stay busy to the end instead of one waiting on a slow file started last. The rest keep their order.
+# The files that take longest go first. With pytest-xdist (`-n 2 --dist loadfile`: a file's tests stay on one
+# worker, so a module's fixtures are built once) both workers then stay busy to the end instead of one waiting on
+# a slow file started last. The rest keep their order.
 SLOW_FILES_FIRST = ("test_nightly_scale.py", "test_train.py", "test_nightly.py", "test_train_deep.py", "test_jobs.py",
                     "test_nightly_fence.py", "test_own_model.py", "test_faults.py", "test_real_images.py", "test_security.py",
                     "test_bench.py", "test_console.py")
