@@ -145,7 +145,7 @@ def test_pretrained_weights_offline_fail_with_one_sentence(tmp_path, capsys):
 
 def test_cpu_actor_plan_uses_every_core_and_leaves_room_for_the_light_stages(ray_local):
     from rayseg.config import SegmentConfig
-    from rayseg.runtime import DECODE_CPUS, ENCODE_CPUS, READ_CPUS, actor_plan
+    from rayseg.runtime import BATCHES_PER_ACTOR, DECODE_CPUS, ENCODE_CPUS, READ_CPUS, actor_plan
 
     cpus = ray_local.cluster_resources()["CPU"]
     assert cpus == 2
@@ -163,7 +163,7 @@ def test_cpu_actor_plan_uses_every_core_and_leaves_room_for_the_light_stages(ray
     assert pool == (1, 1) and threads == 2
     pool, res, threads = plan(actors="4")  # more actors than cores: each a smaller share, still within the machine
     assert pool == (4, 4) and threads == 1 and 4 * res["num_cpus"] < cpus
-    # a job known to be one batch starts one actor, not one per core; an unknown or larger one, one per core
+    # a job known to be a few batches starts one actor, not one per core; an unknown or larger one, one per core
     cfg = SegmentConfig(inputs=("x",), output="y", device="cpu")
-    assert actor_plan(cfg, batches=1)[0] == (1, 1)
-    assert actor_plan(cfg, batches=5)[0] == actor_plan(cfg, batches=None)[0] == (2, 2)
+    assert actor_plan(cfg, batches=1)[0] == actor_plan(cfg, batches=BATCHES_PER_ACTOR)[0] == (1, 1)
+    assert actor_plan(cfg, batches=BATCHES_PER_ACTOR + 1)[0] == actor_plan(cfg, batches=None)[0] == (2, 2)
