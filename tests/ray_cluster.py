@@ -129,3 +129,16 @@ class Cluster:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
+
+
+def session_pids(sid: int) -> list[int]:
+    """Processes in session `sid` (a command started with start_new_session, and the Ray it started)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.getsid(int(name)) == sid:
+                    pids.append(int(name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids

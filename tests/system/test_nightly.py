@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import png_bytes, random_image, tar_bytes
+from ray_cluster import session_pids
 from rayseg import models
 from rayseg.errors import UserError
 from rayseg.layout import IMAGES_DIR
@@ -172,17 +173,6 @@ def _kill_session(proc: subprocess.Popen, timeout: float = 30) -> None:
                 pass
         time.sleep(0.5)
 
-
-def session_pids(sid: int) -> list[int]:
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.getsid(int(name)) == sid:
-                    pids.append(int(name))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return pids
 
 
 def committed_version(out: Path) -> int:

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from conftest import png_bytes, random_image
+from ray_cluster import session_pids
 from rayseg.table import read_state, read_table
 
 RAYSEG = str(Path(sys.executable).parent / "rayseg")
@@ -98,14 +99,3 @@ def test_a_run_stalled_between_renewal_and_commit_is_fenced_out_by_the_run_that_
         a.wait(timeout=30)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-
-def session_pids(sid: int) -> list[int]:
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.getsid(int(name)) == sid:
-                    pids.append(int(name))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return pids
