@@ -200,10 +200,11 @@ def test_nightly_driver_killed_at_random_moments(tmp_path):
             before = committed_version(out)
             proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             # The first kill lands anywhere in start-up or segmentation. The others count their random delay from
-            # this run's first commit, so they land while it writes or commits the next waves.
+            # this run's first wave (its second commit: a run that takes the lease commits a fence first), so they
+            # land while it writes or commits the next waves.
             if attempt:
                 deadline = time.monotonic() + 150
-                while committed_version(out) <= before + 1 and proc.poll() is None and time.monotonic() < deadline:
+                while committed_version(out) <= before + 2 and proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.01)
             delay = rng.uniform(2.0, 20.0) if attempt == 0 else rng.uniform(0.0, 0.5)
             time.sleep(delay)
