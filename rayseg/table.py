@@ -143,10 +143,7 @@ def night_version(dt, night: str) -> int:
 
 def mark_complete(state: State, output: str, generation: int, run_id: str, night: str) -> int:
     """A finished run's last commit: empty, with the night's date in its metadata (`night_version` finds it)."""
-    state.waves += 1
-    _commit_once(state.table, [], {NIGHT_KEY: night, "rayseg.run_id": run_id}, generation, state.waves, run_id)
-    state.version = state.table.version()
-    return state.version
+    return _commit_wave(state, [], {NIGHT_KEY: night, "rayseg.run_id": run_id}, generation, run_id)
 
 
 # ---- the manifest ------------------------------------------------------------------------------------------
@@ -396,11 +393,17 @@ def commit(state: State, output: str, storage_options: dict | None, adds: list, 
                   what="writing a manifest part")
     now_ms = int(time.time() * 1000)
     actions = adds + [RemoveAction(path=r, data_change=True, deletion_timestamp=now_ms) for r in removes]
-    state.waves += 1
-    _commit_once(state.table, actions, {PART_KEY: part_name, "rayseg.run_id": run_id}, generation, state.waves, run_id)
+    _commit_wave(state, actions, {PART_KEY: part_name, "rayseg.run_id": run_id}, generation, run_id)
     for r in part_rows:
         state.records[r["shard_url"]] = r
     state.parts.append(part_name)
+    return state.version
+
+
+def _commit_wave(state: State, actions: list, metadata: dict, generation: int, run_id: str) -> int:
+    """The run's next transaction (generation, wave) on state's table; the state's version after it."""
+    state.waves += 1
+    _commit_once(state.table, actions, metadata, generation, state.waves, run_id)
     state.version = state.table.version()
     return state.version
 

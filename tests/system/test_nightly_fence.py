@@ -9,7 +9,6 @@ Each run is a real `rayseg nightly` process with its own embedded Ray.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -17,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import png_bytes, random_image
+from conftest import png_bytes, random_image, tar_bytes
 from ray_cluster import session_pids
 from rayseg.table import read_state, read_table
 
@@ -34,14 +32,8 @@ SHARDS, PER_SHARD = 8, 4
 
 
 def write_shard(path: Path, seed: int) -> set[str]:
-    rng, buf = np.random.default_rng(seed), io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as t:
-        for i in range(PER_SHARD):
-            data = png_bytes(random_image(rng, 32, 32))
-            info = tarfile.TarInfo(f"img{i}.png")
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    path.write_bytes(buf.getvalue())
+    rng = np.random.default_rng(seed)
+    path.write_bytes(tar_bytes({f"img{i}.png": png_bytes(random_image(rng, 32, 32)) for i in range(PER_SHARD)}))
     return {f"file://{path}::img{i}" for i in range(PER_SHARD)}
 
 
