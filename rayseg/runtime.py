@@ -111,8 +111,8 @@ def ray_address(address: str | None) -> str:
 def running_local_ray() -> str | None:
     """The address of the Ray that `ray start --head` runs on this machine, if its GCS is up; else None.
 
-    A command without --address joins it (and says so) instead of starting a Ray of its own: the Ray start and the
-    worker processes it keeps warm are then paid once, not by every command. Only a Ray that `ray start` announced
+    A command without --address joins it (and says so) instead of starting a Ray of its own: Ray's start is then paid
+    once, not by every command (worker processes belong to a job, so each command still starts its actors). Only a Ray that `ray start` announced
     (RAY_TMPDIR or /tmp/ray `ray_current_cluster`) and whose GCS process is alive counts: a stale file, or another
     program's embedded Ray, does not. `--address local` always starts a private embedded Ray.
     """
@@ -200,7 +200,7 @@ def cluster_summary() -> dict:
 
 
 # A second CPU actor pays for its start-up (about 5 CPU-seconds: a process, Ray Data, torch, the model) only on a job
-# of more batches than this per actor: on 2 cores a 20-image job (2 batches) finished 1.3-2.6 s sooner with 1 actor.
+# of more batches than this per actor: on 2 cores a 20-image job (2 batches) finished 1.4-2.6 s sooner with 1 actor.
 BATCHES_PER_ACTOR = 8
 
 
