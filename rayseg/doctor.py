@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from rayseg.config import DoctorConfig
 from rayseg.errors import EnvError
 
 BUDGET_S = 290  # the whole check; every step gets at most its cap and never more than what is left
-STEP_CAPS_S = {"predictor": 60, "segment": 110, "train": 60, "bench": 80}
+STEP_CAPS_S = {"predictor": 80, "segment": 90, "train": 70, "bench": 70}  # each Predictor's first CUDA call costs ~8 s
 
 
 def versions() -> dict:
@@ -74,15 +75,18 @@ def step_predictor(workdir: Path) -> dict:
 
     bf16 = Predictor(bundle, PredictConfig(device="cuda"))  # auto: bf16, batch size probed
     res = {"probed_batch_size": bf16.batch_size, "device": bf16.device_info()}
+    say(f"predictor: batch size {bf16.batch_size} probed")
     fast = [rng.integers(0, 256, (512, 512, 3), dtype=np.uint8) for _ in range(2 * bf16.batch_size)]
-    timed(bf16, fast[:4])  # warm-up: cuDNN picks its kernels
+    timed(bf16, fast[:bf16.batch_size])  # warm-up at the timed batch shape: cuDNN picks its kernels per shape
     out, res["fast_path"] = timed(bf16, fast)
     res["fast_path"]["images_per_s"] = round(len(fast) / res["fast_path"]["s"], 1)
     mixed = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(300, 500), (512, 512), (700, 640), (90, 1000)] * 8]
+    say(f"predictor: fast path {res['fast_path']}")
     _, res["mixed_sizes"] = timed(bf16, mixed)
     big = np.ascontiguousarray(np.repeat(np.repeat(rng.integers(0, 256, (125, 125, 3), dtype=np.uint8), 64, 0), 64, 1))  # 8000x8000
     tiled, res["tiled_8000x8000"] = timed(bf16, [big])
     res["tiled_8000x8000"]["error"] = tiled["error"][0]
+    say(f"predictor: 8000x8000 tiled {res['tiled_8000x8000']}")
     fp32 = Predictor(bundle, PredictConfig(device="cuda", precision="fp32", batch_size=bf16.batch_size))
     ref = fp32(batch(fast[:32]))
     agree = [float((a == b).mean()) for a, b in zip(ref["mask"], out["mask"][:32])]
@@ -137,10 +141,17 @@ STEPS = {"predictor": step_predictor, "segment": step_segment, "train": step_tra
 
 
 def _cli(*argv: str) -> None:
-    env = {**os.environ, "RAY_ADDRESS": "local"}
-    proc = subprocess.run([sys.executable, "-m", "rayseg.cli", *argv], capture_output=True, text=True, env=env)
+    """A rayseg command with its own embedded Ray; its progress lines go to this step's stderr, so a step stopped at
+    its timeout still says how far it got."""
+    say(f"rayseg {' '.join(argv)}")
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAYSEG_PROGRESS_INTERVAL": "5"}
+    proc = subprocess.run([sys.executable, "-m", "rayseg.cli", *argv], stdout=subprocess.DEVNULL, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"rayseg {argv[0]} exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] }")
+        raise RuntimeError(f"rayseg {argv[0]} exited {proc.returncode} (its output is above)")
+
+
+def say(line: str) -> None:
+    print(f"rayseg doctor: {line}", file=sys.stderr, flush=True)
 
 
 class NvmlSampler(threading.Thread):
@@ -172,15 +183,24 @@ class NvmlSampler(threading.Thread):
 
 
 def run_step(name: str, workdir: Path, timeout: float) -> dict:
-    """One step in a process of its own, killed at `timeout`: its JSON, or what went wrong."""
+    """One step in a process group of its own, killed whole at `timeout`: its JSON, or what went wrong.
+
+    The group holds what the step started too (a `rayseg segment` and its embedded Ray), so a step that overruns
+    cannot keep the GPU and CPUs busy under the next one. A timed-out step reports its last line of output, which
+    says how far it got."""
     t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "rayseg.doctor", name, str(workdir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        proc = subprocess.run([sys.executable, "-m", "rayseg.doctor", name, str(workdir)], capture_output=True, text=True, timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {timeout:.0f} s", "s": round(time.perf_counter() - t, 1)}
-    lines = proc.stdout.strip().splitlines()
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        last = (err.strip().splitlines() or ["no output"])[-1]
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s; its last line: {last}", "s": round(time.perf_counter() - t, 1)}
+    lines = out.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1], "s": round(time.perf_counter() - t, 1)}
+        return {"ok": False, "error": (err.strip().splitlines() or ["no output"])[-1], "s": round(time.perf_counter() - t, 1)}
     return {"ok": True, "s": round(time.perf_counter() - t, 1), **json.loads(lines[-1])}
 
 
