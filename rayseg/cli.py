@@ -2,7 +2,7 @@
 
 A module's `register` adds its parser and sets `func(args) -> int`. UserError becomes one line and exit 2,
 EnvError one line and exit 1. In a terminal, the commands that run on Ray get the rayseg console
-(runtime.Console: Ray's own lines go to a log file whose path is printed at the end); `--verbose` turns it off.
+(console.Console: Ray's own lines go to a log file whose path is printed at the end); `--verbose` turns it off.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     console = None
     try:
         if args.command in RAY_COMMANDS:
-            from rayseg.runtime import start_console
+            from rayseg.console import start_console
 
             console = start_console(args.command, _verbose(args))
         return int(args.func(args) or 0)

@@ -4,7 +4,7 @@ A tiny named actor counts what the read and encode stages have finished, and a d
 
     progress: 1,200 images done (3 errors), 41.5 images/s, shards 12/40 read, ETA 3m05s
 
-In a terminal with the rayseg console (runtime.Console) the line is redrawn in place twice a second. In a
+In a terminal with the rayseg console (console.Console) the line is redrawn in place twice a second. In a
 submitted job there is no TTY, and a line is logged every RAYSEG_PROGRESS_INTERVAL seconds (default 10).
 With --verbose in a terminal, Ray Data's own progress bars are left to do the job, as Ray shows them.
 
@@ -111,7 +111,7 @@ class Reporter:
     """
 
     def __init__(self, units_total: int, interval: float | None = None, live: bool | None = None):
-        from rayseg.runtime import console
+        from rayseg.console import console
 
         self.console = console() if live is None or live else None
         self.live = self.console is not None
@@ -163,6 +163,6 @@ def wants_log_lines(quiet: bool) -> bool:
     """A Reporter wherever Ray Data's bars aren't shown: not --quiet, and stderr is no terminal or the console is on."""
     import sys
 
-    from rayseg.runtime import console
+    from rayseg.console import console
 
     return not quiet and (not sys.stderr.isatty() or console() is not None)

@@ -43,6 +43,28 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def ray_head():
+    """One `ray start --head` on this machine (2 CPUs, no dashboard, its own temp dir, HOME and token) for the flows
+    whose commands run as processes of their own. A command run with `ray_head.client_env()` joins it by default, as
+    a user's commands join the Ray that `ray start` runs, so Ray's start and stop are paid once per session, not by
+    every command. Kills still kill the command's whole process session: its driver; the job's actors are then
+    ended by Ray. Flows that must kill or pause a whole embedded Ray keep their own."""
+    import shutil
+    import tempfile
+
+    from ray_cluster import Cluster
+
+    tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    head = Cluster(tmp)
+    try:
+        head.start(0, 2, False, f"--object-store-memory={1024 * 2**20}")
+        yield head
+    finally:
+        head.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -71,12 +71,12 @@ class Cluster:
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out[-3000:]
 
-    def start(self, workers: int = 1, head_cpus: int = 1, dashboard: bool = True) -> None:
+    def start(self, workers: int = 1, head_cpus: int = 1, dashboard: bool = True, *head_args: str) -> None:
         """The head (its temp dir `TMP/ray`, so a client with RAY_TMPDIR=TMP finds it as `ray start`'s cluster on
         this machine) and `workers` joined nodes of one CPU each."""
         self.ray_start("ray", "--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                        f"--dashboard-port={self.dash_port}", f"--ray-client-server-port={self.client_port}",
-                       f"--include-dashboard={str(dashboard).lower()}", f"--num-cpus={head_cpus}")
+                       f"--include-dashboard={str(dashboard).lower()}", f"--num-cpus={head_cpus}", *head_args)
         for i in range(workers):
             self.ray_start(f"worker{i}", f"--address=127.0.0.1:{self.gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1")
 

@@ -1,7 +1,10 @@
 """`rayseg nightly` at production scale: commits in waves survive a SIGKILL late in a run, loose files make few
 output files, two runs on one OUT never lose rows, a reader polling the table never sees a shard twice or in
 part, a killed run's lease expires, --objects rides with its images. Kill, concurrency and reader tests run on
-a local disk and on S3 (moto server). Each `rayseg nightly` here is a real subprocess with its own embedded Ray.
+a local disk and on S3 (moto server). Each `rayseg nightly` here is a real subprocess that joins the session's
+`ray start --head` (conftest's ray_head), as a user's commands join the Ray running on their machine; a kill
+kills the command's whole process session. test_nightly.py's random kills and test_nightly_fence.py keep an
+embedded Ray each, which their kill or pause takes down with the driver.
 """
 
 from __future__ import annotations
@@ -62,12 +65,9 @@ def site(request, tmp_path):
 
 
 @pytest.fixture
-def env(tmp_path):
-    ray_tmp = tempfile.mkdtemp(prefix="rss", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    e = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    e.update(HOME=str(tmp_path), RAY_TMPDIR=ray_tmp, RAY_DEDUP_LOGS="0")
-    yield e
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+def env(tmp_path, ray_head):
+    """The environment of a nightly command here: it joins the session's `ray start --head` (see conftest)."""
+    return ray_head.client_env(HOME=str(tmp_path), RAY_DEDUP_LOGS="0")
 
 
 def write_shards(site: Site, folder: str, shards: int, per_shard: int, seed: int = 0) -> dict[str, set[str]]:
@@ -167,32 +167,14 @@ def _exists(site: Site) -> bool:
 @pytest.mark.flow("nightly-killed")
 @pytest.mark.timeout(900)
 def test_kill_at_85_percent_redoes_at_most_one_wave(site, env):
-    """20 shards x 10 images, waves of 15% (30 images): SIGKILL at 85% of a fresh run's time, then run again.
-    A model input of 160 makes segmentation, not Ray's start-up, most of a run's time."""
+    """20 shards x 10 images, waves of 15% (30 images): SIGKILL once 85% of the images are done (by the run's own
+    progress lines), then run again. A model input of 160 makes segmentation, not Ray's start-up, most of a run's
+    time, so the kill lands while waves are committing and one is in flight."""
     expected = write_shards(site, "in", 20, 10)
     total, every = 200, 30
-    work = ["--commit-every", str(every), "--input-size", "160"]
-    # The fresh run's time is taken from a second fresh run: the first one of a new environment reads torch and Ray
-    # from disk (a clean CI's venv), and would make 85% of it later than the whole of the run that is killed.
-    finish(start(nightly_cmd(site, "in", *work, out="warm-out"), env))
-    t0 = time.monotonic()
-    fresh = finish(start(nightly_cmd(site, "in", *work, out="fresh-out"), env))
-    t_fresh = time.monotonic() - t0
-    assert fresh["rows"] == total and len(fresh["waves"]) == 7
-    print(f"commit time per wave (s): {sorted(w['commit_s'] for w in fresh['waves'])}")
-
-    cmd = nightly_cmd(site, "in", *work, "--lease-seconds", "6", "--lease-wait", "60")
-    proc = start(cmd, env)
-    # At 85% of the fresh run's time; on a busy machine a run can be faster than the fresh one was, so at the
-    # latest when all but the last wave are committed.
-    t0 = time.monotonic()
-    # A run slower to start than the fresh one (Ray's start-up is most of a run here) may have committed nothing
-    # by then; it is killed once its first wave is in, so that the kill always lands while work is in flight.
-    while (time.monotonic() - t0 < 0.85 * t_fresh or waves(site) < 1) and waves(site) < len(fresh["waves"]) - 1 and proc.poll() is None:
-        time.sleep(0.05)
-    killed_at = time.monotonic() - t0
-    assert proc.poll() is None, "the run ended before the kill: its last waves landed between two polls"
-    kill_session(proc)
+    cmd = nightly_cmd(site, "in", "--commit-every", str(every), "--input-size", "160", "--lease-seconds", "6", "--lease-wait", "60")
+    done = kill_when_done(cmd, env, int(0.85 * total))
+    assert done < total, "the run ended before its kill"
     at_kill = snapshot(site)
     assert_whole(at_kill, expected)
     t0 = time.monotonic()
@@ -202,7 +184,7 @@ def test_kill_at_85_percent_redoes_at_most_one_wave(site, env):
     assert_whole(df, expected)
     assert set(df.image_id) == set().union(*expected.values())
     redone = rerun["redone_after_kill"]
-    print(f"fresh {t_fresh:.1f}s; killed at {killed_at:.1f}s with {len(at_kill)} of {total} images committed; "
+    print(f"killed with {done} images done and {len(at_kill)} of {total} committed; "
           f"rerun {t_rerun:.1f}s, {rerun['rows']} images, of which in flight at the kill: {redone}")
     assert rerun["rows"] == total - len(at_kill)  # the rerun segments only what was not committed
     assert len(at_kill) >= every  # the kill came after waves had committed
@@ -410,11 +392,12 @@ def test_reader_polling_during_runs_sees_whole_shards_once(site, env):
     def poll(proc, check) -> int:
         polls = 0
         while proc.poll() is None:
+            t = time.monotonic()
             df = snapshot(site)
             assert_whole(df, expected)
             check(df)
             polls += 1
-            time.sleep(0.1)
+            time.sleep(max(0.1, time.monotonic() - t))  # a reader busy at most half the time: the run keeps its cores
         return polls
 
     p1 = start(nightly_cmd(site, "in", "--commit-every", "12"), env)
