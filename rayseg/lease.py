@@ -7,6 +7,10 @@ with one sentence naming the holder. A lease left by a killed run expires and th
 host where the killed run lived, the next run takes it over at once, since it can see that the holder's process
 is gone (its pid is free, or now names a process started at another time).
 
+Expiry is timed by the waiting run, on its own monotonic clock: a lease expires once the waiter has seen the same
+version of it (the same ETag or digest; every renewal writes a new one) for the lease's lifetime. The holder's
+wall-clock timestamps are only shown to people, so two machines' clocks never need to agree.
+
 Taking and renewing are compare-and-swap writes, so two runs can never both believe they hold it:
 - S3: PutObject with `IfNoneMatch="*"` to take a free lease, `IfMatch=<ETag>` to renew or take over an expired one.
 - Local and mounted disks: the read-compare-write happens under an exclusive `flock` on OUT/.lease.lock.
@@ -140,9 +144,11 @@ def _is_precondition_failure(e: Exception) -> bool:
     return isinstance(e, FileExistsError) or any(w in text for w in ("precondition", "pre-condition", "conditionalrequestconflict"))
 
 
-def describe(record: dict) -> str:
-    left = max(0, record["expires_at"] - time.time())
-    at = time.strftime("%H:%M:%S UTC", time.gmtime(record["expires_at"]))
+def describe(record: dict, seen_at: float | None = None) -> str:
+    """The holder, and when its lease expires: `seen_at` (monotonic) is when this run first saw its current version;
+    without it, the holder's own expiry time is shown as it wrote it."""
+    left = max(0.0, _ttl(record) - (time.monotonic() - seen_at)) if seen_at is not None else max(0.0, record["expires_at"] - time.time())
+    at = time.strftime("%H:%M:%S UTC", time.gmtime(time.time() + left))
     return (f"run {record['run_id']} (host {record['host']}, pid {record['pid']}, started {record['acquired_at']}) "
             f"holds it; its lease expires at {at} (in {left:.0f} s) unless renewed, and --lease-wait SECONDS waits for it")
 
@@ -192,14 +198,30 @@ def dead_here(record: dict) -> bool:
     return _start_ticks(held["pid"]) != held["start_ticks"]
 
 
-def _free(record: dict | None) -> bool:
-    return record is None or record["expires_at"] <= time.time() or dead_here(record)
+def _released(record: dict) -> bool:
+    return bool(record.get("released")) or record.get("expires_at") == 0
+
+
+def _ttl(record: dict, default: float = 0.0) -> float:
+    return float(record.get("ttl_s") or default)
+
+
+def _free(record: dict | None, seen_at: float, default_ttl: float) -> bool:
+    """Whether a lease can be taken: none, released, its holder dead here, or unchanged for its lifetime since this
+    run first saw this version of it (`seen_at`, on this run's monotonic clock)."""
+    if record is None or _released(record) or dead_here(record):
+        return True
+    return time.monotonic() - seen_at >= _ttl(record, default_ttl)
 
 
 def holder(output: str, storage_options: dict) -> dict | None:
-    """The live lease on OUT, if any (for --status); an expired one, or one of a dead process here, counts as none."""
+    """The lease on OUT as --status shows it: None if there is none, it was released, its holder is dead here, or by
+    the holder's own clock it has expired. Only for display: taking a lease over is decided by expiry on the
+    waiting run's clock (Lease.acquire)."""
     record, _ = _Store(output, storage_options).read()
-    return None if _free(record) else record
+    if record is None or _released(record) or dead_here(record) or record["expires_at"] <= time.time():
+        return None
+    return record
 
 
 class Lease:
@@ -241,9 +263,12 @@ class Lease:
 
     def acquire(self) -> None:
         deadline = time.monotonic() + self.wait_s
+        seen: tuple[str | None, float] | None = None  # (the lease's version, when this run first read it)
         while True:
             current, etag = self.store.read()
-            if _free(current):
+            if seen is None or seen[0] != etag:
+                seen = (etag, time.monotonic())
+            if _free(current, seen[1], self.ttl_s):
                 # the same conditional write whether the holder expired or died here: of two runs racing, one wins
                 try:
                     self.record = self._record((current or {}).get("generation", 0) + 1)
@@ -255,17 +280,18 @@ class Lease:
                     self._log_takeover(current)
                 return
             if time.monotonic() >= deadline:
-                raise LeaseHeld(f"another nightly run is writing {self.output}: {describe(current)}")
+                raise LeaseHeld(f"another nightly run is writing {self.output}: {describe(current, seen[1])}")
             time.sleep(min(POLL_S, max(0.05, deadline - time.monotonic())))
 
     @staticmethod
     def _log_takeover(current: dict) -> None:
-        ago = time.time() - current["renewed_at"]
-        if current["expires_at"] > time.time():
+        ago = time.time() - current["renewed_at"]  # as the two clocks tell it: for people only
+        if dead_here(current):
             log.warning("took over the lease of run %s at once: its process (pid %s on this host) no longer exists "
                         "(last renewed %.0f s ago)", current["run_id"], current["pid"], ago)
         else:
-            log.warning("took over the expired lease of run %s (last renewed %.0f s ago)", current["run_id"], ago)
+            log.warning("took over the expired lease of run %s (unchanged for its lifetime, %.0f s, as this run timed it)",
+                        current["run_id"], _ttl(current))
 
     @property
     def generation(self) -> int:
@@ -286,7 +312,9 @@ class Lease:
                 raise LeaseLost(f"run {self.run_id} lost its lease on {self.output}")
             if progress is not None:
                 self.progress = progress
-            record = {**self._record(self.generation), "acquired_at": self.record["acquired_at"]}
+            # a new version on every renewal (its counter): a waiting run times expiry from the last one it saw
+            record = {**self._record(self.generation), "acquired_at": self.record["acquired_at"],
+                      "renewal": self.record.get("renewal", 0) + 1}
             try:
                 self.etag = self.store.write(record, self.etag)
                 self.record = record
