@@ -11,12 +11,9 @@ Expiry is timed by the waiting run, on its own monotonic clock: a lease expires 
 version of it (the same ETag or digest; every renewal writes a new one) for the lease's lifetime. The holder's
 wall-clock timestamps are only shown to people, so two machines' clocks never need to agree.
 
-Taking and renewing are compare-and-swap writes, so two runs can never both believe they hold it:
-- S3: PutObject with `IfNoneMatch="*"` to take a free lease, `IfMatch=<ETag>` to renew or take over an expired one.
-- Local and mounted disks: the read-compare-write happens under an exclusive `flock` on OUT/.lease.lock.
-- Other stores (GCS, Azure, HTTP, ...) are written without a precondition: two runs started within the same
-  second could both take the lease. The table's own commit protocol still rejects conflicting commits, but the
-  loser's finished work is lost; schedule one run at a time there (the cluster schedules forbid overlap).
+Taking and renewing are compare-and-swap writes (rayseg/lease_store.py), so two runs can never both believe they
+hold it; a run first checks that OUT's store keeps that promise (`check_store`) and stops with one sentence where
+it cannot.
 
 Each lease carries a generation number, raised by every take-over; commits record it as the table's application
 transaction, so a commit from a run whose lease has passed to another is refused (table.commit_wave).
@@ -25,21 +22,17 @@ transaction, so a commit from a run whose lease has passed to another is refused
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import posixpath
 import socket
 import threading
 import time
-import uuid
 
-from rayseg import storage
 from rayseg.errors import EnvError, UserError
+from rayseg.lease_store import Conflict, UnsafeStore, _Store, check_store  # noqa: F401 - the lease's API
 
 log = logging.getLogger("rayseg")
 
-LEASE_FILE, LOCK_FILE = "_lease.json", ".lease.lock"
 POLL_S = 1.0  # how often a waiting run looks at the lease again
 
 
@@ -49,99 +42,6 @@ class LeaseHeld(UserError):
 
 class LeaseLost(EnvError):
     """This run's lease expired and another run took it: stop without committing more (one sentence, exit 1)."""
-
-
-class Conflict(Exception):
-    """A compare-and-swap write found the lease changed since it was read."""
-
-
-class _Store:
-    """The lease object: read -> (record, etag), and writes conditional on the etag (None: must not exist)."""
-
-    def __init__(self, output: str, storage_options: dict):
-        self.fs, root = storage.filesystem(output, storage_options)
-        self.path = posixpath.join(root, LEASE_FILE)
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        self.kind = "s3" if {"s3", "s3a"} & set(protocols) else "local" if "file" in protocols else "other"
-        if self.kind == "local":
-            self.fs.makedirs(root, exist_ok=True)
-            self.lock_path = os.path.join(root, LOCK_FILE)
-        elif self.kind == "other":
-            log.warning("%s offers no conditional writes: the lease on it is best effort", storage.redact_url(output))
-
-    def read(self) -> tuple[dict | None, str | None]:
-        if self.kind == "s3":
-            bucket, key = self.path.split("/", 1)
-            try:
-                r = self.fs.call_s3("get_object", Bucket=bucket, Key=key)
-            except FileNotFoundError:
-                return None, None
-            body = _sync_read(self.fs, r["Body"])
-            return json.loads(body), r["ETag"]
-        try:
-            with self.fs.open(self.path, "rb") as f:
-                body = f.read()
-        except FileNotFoundError:
-            return None, None
-        return json.loads(body), _digest(body)
-
-    def write(self, record: dict, etag: str | None) -> str:
-        """Write `record` if the lease is still at `etag` (None: if there is none); returns the new etag."""
-        body = json.dumps(record, sort_keys=True).encode()
-        if self.kind == "s3":
-            bucket, key = self.path.split("/", 1)
-            cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
-            try:
-                return self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **cond)["ETag"]
-            except Exception as e:  # noqa: BLE001 - 412 Precondition Failed / 409 ConditionalRequestConflict
-                if _is_precondition_failure(e):
-                    raise Conflict() from None
-                raise
-        with self._locked():
-            _, current = self.read()
-            if current != etag:
-                raise Conflict()
-            tmp = posixpath.join(posixpath.dirname(self.path), f".{LEASE_FILE}.{uuid.uuid4().hex[:8]}.tmp")
-            with self.fs.open(tmp, "wb") as f:
-                f.write(body)
-            self.fs.mv(tmp, self.path)  # a rename on disks: readers see the old lease or the new one, whole
-            return _digest(body)
-
-    @contextlib.contextmanager
-    def _locked(self):
-        if self.kind != "local":
-            yield
-            return
-        import fcntl
-
-        with open(self.lock_path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _digest(body: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(body).hexdigest()
-
-
-def _sync_read(fs, body) -> bytes:
-    from fsspec.asyn import sync
-
-    async def read():
-        return await body.read()
-
-    return sync(fs.loop, read)
-
-
-def _is_precondition_failure(e: Exception) -> bool:
-    """412 Precondition Failed, or 409 ConditionalRequestConflict (two conditional writes raced); s3fs turns the
-    first into FileExistsError for IfNoneMatch and into OSError(EINVAL) for IfMatch."""
-    text = f"{type(e).__name__} {e}".lower()
-    return isinstance(e, FileExistsError) or any(w in text for w in ("precondition", "pre-condition", "conditionalrequestconflict"))
 
 
 def describe(record: dict, seen_at: float | None = None) -> str:

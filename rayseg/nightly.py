@@ -127,6 +127,10 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     so = cfg.storage_options
     _check_layout(cfg)
+    if not cfg.status:  # before any work: a store that cannot keep two runs apart is refused in one sentence
+        from rayseg.lease import check_store
+
+        check_store(cfg.output, so, cfg.unsafe_single_writer)
     shards, ignored = storage.discover(cfg.inputs, so)
 
     from rayseg.adapters import load_model
