@@ -16,7 +16,7 @@ hold it; a run first checks that OUT's store keeps that promise (`check_store`) 
 it cannot.
 
 Each lease carries a generation number, raised by every take-over; commits record it as the table's application
-transaction, so a commit from a run whose lease has passed to another is refused (table.commit_wave).
+transaction, so a commit from a run whose lease has passed to another is refused (rayseg/commit.py).
 """
 
 from __future__ import annotations
