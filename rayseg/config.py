@@ -208,6 +208,8 @@ OPTIONS: dict[str, Option] = {
     "lease_wait": Option(float, 0.0, "seconds to wait for another run's lease on OUT before giving up (0: give up at once)",
                          _between(0, 86400, "between 0 and 86400")),
     "status": Option(bool, False, "print the backlog (shards new, changed, done) and exit, without starting Ray"),
+    "unsafe_single_writer": Option(bool, False, "run even where OUT's store cannot keep two runs apart (no conditional "
+                                                "writes); only if nothing else can ever write OUT at the same time"),
     # doctor
     "gpu": Option(bool, False, "check the GPU path too: predictor, segment end to end, training and bench on this machine's GPU"),
 }
@@ -287,7 +289,8 @@ def _check_nightly(cfg) -> None:
 
 
 NightlyConfig = compose("NightlyConfig", MODEL, ("inputs",), OUTPUT, STORAGE, READ, PREDICT, POOL, CLUSTER,
-                        ("commit_seconds", "commit_mb", "commit_every", "lease_seconds", "lease_wait", "status"),
+                        ("commit_seconds", "commit_mb", "commit_every", "lease_seconds", "lease_wait", "status",
+                         "unsafe_single_writer"),
                         hidden=("overwrite",), check=_check_nightly,
                         doc="`rayseg nightly`: segment's options, how often to commit, and the lease on OUT; OUT is never cleared.")
 

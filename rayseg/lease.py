@@ -7,35 +7,32 @@ with one sentence naming the holder. A lease left by a killed run expires and th
 host where the killed run lived, the next run takes it over at once, since it can see that the holder's process
 is gone (its pid is free, or now names a process started at another time).
 
-Taking and renewing are compare-and-swap writes, so two runs can never both believe they hold it:
-- S3: PutObject with `IfNoneMatch="*"` to take a free lease, `IfMatch=<ETag>` to renew or take over an expired one.
-- Local and mounted disks: the read-compare-write happens under an exclusive `flock` on OUT/.lease.lock.
-- Other stores (GCS, Azure, HTTP, ...) are written without a precondition: two runs started within the same
-  second could both take the lease. The table's own commit protocol still rejects conflicting commits, but the
-  loser's finished work is lost; schedule one run at a time there (the cluster schedules forbid overlap).
+Expiry is timed by the waiting run, on its own monotonic clock: a lease expires once the waiter has seen the same
+version of it (the same ETag or digest; every renewal writes a new one) for the lease's lifetime. The holder's
+wall-clock timestamps are only shown to people, so two machines' clocks never need to agree.
+
+Taking and renewing are compare-and-swap writes (rayseg/lease_store.py), so two runs can never both believe they
+hold it; a run first checks that OUT's store keeps that promise (`check_store`) and stops with one sentence where
+it cannot.
 
 Each lease carries a generation number, raised by every take-over; commits record it as the table's application
-transaction, so a commit from a run whose lease has passed to another is refused (table.commit_wave).
+transaction, so a commit from a run whose lease has passed to another is refused (rayseg/commit.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import posixpath
 import socket
 import threading
 import time
-import uuid
 
-from rayseg import storage
 from rayseg.errors import EnvError, UserError
+from rayseg.lease_store import Conflict, UnsafeStore, _Store, check_store  # noqa: F401 - the lease's API
 
 log = logging.getLogger("rayseg")
 
-LEASE_FILE, LOCK_FILE = "_lease.json", ".lease.lock"
 POLL_S = 1.0  # how often a waiting run looks at the lease again
 
 
@@ -47,102 +44,11 @@ class LeaseLost(EnvError):
     """This run's lease expired and another run took it: stop without committing more (one sentence, exit 1)."""
 
 
-class Conflict(Exception):
-    """A compare-and-swap write found the lease changed since it was read."""
-
-
-class _Store:
-    """The lease object: read -> (record, etag), and writes conditional on the etag (None: must not exist)."""
-
-    def __init__(self, output: str, storage_options: dict):
-        self.fs, root = storage.filesystem(output, storage_options)
-        self.path = posixpath.join(root, LEASE_FILE)
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        self.kind = "s3" if {"s3", "s3a"} & set(protocols) else "local" if "file" in protocols else "other"
-        if self.kind == "local":
-            self.fs.makedirs(root, exist_ok=True)
-            self.lock_path = os.path.join(root, LOCK_FILE)
-        elif self.kind == "other":
-            log.warning("%s offers no conditional writes: the lease on it is best effort", storage.redact_url(output))
-
-    def read(self) -> tuple[dict | None, str | None]:
-        if self.kind == "s3":
-            bucket, key = self.path.split("/", 1)
-            try:
-                r = self.fs.call_s3("get_object", Bucket=bucket, Key=key)
-            except FileNotFoundError:
-                return None, None
-            body = _sync_read(self.fs, r["Body"])
-            return json.loads(body), r["ETag"]
-        try:
-            with self.fs.open(self.path, "rb") as f:
-                body = f.read()
-        except FileNotFoundError:
-            return None, None
-        return json.loads(body), _digest(body)
-
-    def write(self, record: dict, etag: str | None) -> str:
-        """Write `record` if the lease is still at `etag` (None: if there is none); returns the new etag."""
-        body = json.dumps(record, sort_keys=True).encode()
-        if self.kind == "s3":
-            bucket, key = self.path.split("/", 1)
-            cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
-            try:
-                return self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **cond)["ETag"]
-            except Exception as e:  # noqa: BLE001 - 412 Precondition Failed / 409 ConditionalRequestConflict
-                if _is_precondition_failure(e):
-                    raise Conflict() from None
-                raise
-        with self._locked():
-            _, current = self.read()
-            if current != etag:
-                raise Conflict()
-            tmp = posixpath.join(posixpath.dirname(self.path), f".{LEASE_FILE}.{uuid.uuid4().hex[:8]}.tmp")
-            with self.fs.open(tmp, "wb") as f:
-                f.write(body)
-            self.fs.mv(tmp, self.path)  # a rename on disks: readers see the old lease or the new one, whole
-            return _digest(body)
-
-    @contextlib.contextmanager
-    def _locked(self):
-        if self.kind != "local":
-            yield
-            return
-        import fcntl
-
-        with open(self.lock_path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _digest(body: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(body).hexdigest()
-
-
-def _sync_read(fs, body) -> bytes:
-    from fsspec.asyn import sync
-
-    async def read():
-        return await body.read()
-
-    return sync(fs.loop, read)
-
-
-def _is_precondition_failure(e: Exception) -> bool:
-    """412 Precondition Failed, or 409 ConditionalRequestConflict (two conditional writes raced); s3fs turns the
-    first into FileExistsError for IfNoneMatch and into OSError(EINVAL) for IfMatch."""
-    text = f"{type(e).__name__} {e}".lower()
-    return isinstance(e, FileExistsError) or any(w in text for w in ("precondition", "pre-condition", "conditionalrequestconflict"))
-
-
-def describe(record: dict) -> str:
-    left = max(0, record["expires_at"] - time.time())
-    at = time.strftime("%H:%M:%S UTC", time.gmtime(record["expires_at"]))
+def describe(record: dict, seen_at: float | None = None) -> str:
+    """The holder, and when its lease expires: `seen_at` (monotonic) is when this run first saw its current version;
+    without it, the holder's own expiry time is shown as it wrote it."""
+    left = max(0.0, _ttl(record) - (time.monotonic() - seen_at)) if seen_at is not None else max(0.0, record["expires_at"] - time.time())
+    at = time.strftime("%H:%M:%S UTC", time.gmtime(time.time() + left))
     return (f"run {record['run_id']} (host {record['host']}, pid {record['pid']}, started {record['acquired_at']}) "
             f"holds it; its lease expires at {at} (in {left:.0f} s) unless renewed, and --lease-wait SECONDS waits for it")
 
@@ -192,14 +98,30 @@ def dead_here(record: dict) -> bool:
     return _start_ticks(held["pid"]) != held["start_ticks"]
 
 
-def _free(record: dict | None) -> bool:
-    return record is None or record["expires_at"] <= time.time() or dead_here(record)
+def _released(record: dict) -> bool:
+    return bool(record.get("released")) or record.get("expires_at") == 0
+
+
+def _ttl(record: dict, default: float = 0.0) -> float:
+    return float(record.get("ttl_s") or default)
+
+
+def _free(record: dict | None, seen_at: float, default_ttl: float) -> bool:
+    """Whether a lease can be taken: none, released, its holder dead here, or unchanged for its lifetime since this
+    run first saw this version of it (`seen_at`, on this run's monotonic clock)."""
+    if record is None or _released(record) or dead_here(record):
+        return True
+    return time.monotonic() - seen_at >= _ttl(record, default_ttl)
 
 
 def holder(output: str, storage_options: dict) -> dict | None:
-    """The live lease on OUT, if any (for --status); an expired one, or one of a dead process here, counts as none."""
+    """The lease on OUT as --status shows it: None if there is none, it was released, its holder is dead here, or by
+    the holder's own clock it has expired. Only for display: taking a lease over is decided by expiry on the
+    waiting run's clock (Lease.acquire)."""
     record, _ = _Store(output, storage_options).read()
-    return None if _free(record) else record
+    if record is None or _released(record) or dead_here(record) or record["expires_at"] <= time.time():
+        return None
+    return record
 
 
 class Lease:
@@ -241,9 +163,12 @@ class Lease:
 
     def acquire(self) -> None:
         deadline = time.monotonic() + self.wait_s
+        seen: tuple[str | None, float] | None = None  # (the lease's version, when this run first read it)
         while True:
             current, etag = self.store.read()
-            if _free(current):
+            if seen is None or seen[0] != etag:
+                seen = (etag, time.monotonic())
+            if _free(current, seen[1], self.ttl_s):
                 # the same conditional write whether the holder expired or died here: of two runs racing, one wins
                 try:
                     self.record = self._record((current or {}).get("generation", 0) + 1)
@@ -255,17 +180,18 @@ class Lease:
                     self._log_takeover(current)
                 return
             if time.monotonic() >= deadline:
-                raise LeaseHeld(f"another nightly run is writing {self.output}: {describe(current)}")
+                raise LeaseHeld(f"another nightly run is writing {self.output}: {describe(current, seen[1])}")
             time.sleep(min(POLL_S, max(0.05, deadline - time.monotonic())))
 
     @staticmethod
     def _log_takeover(current: dict) -> None:
-        ago = time.time() - current["renewed_at"]
-        if current["expires_at"] > time.time():
+        ago = time.time() - current["renewed_at"]  # as the two clocks tell it: for people only
+        if dead_here(current):
             log.warning("took over the lease of run %s at once: its process (pid %s on this host) no longer exists "
                         "(last renewed %.0f s ago)", current["run_id"], current["pid"], ago)
         else:
-            log.warning("took over the expired lease of run %s (last renewed %.0f s ago)", current["run_id"], ago)
+            log.warning("took over the expired lease of run %s (unchanged for its lifetime, %.0f s, as this run timed it)",
+                        current["run_id"], _ttl(current))
 
     @property
     def generation(self) -> int:
@@ -286,7 +212,9 @@ class Lease:
                 raise LeaseLost(f"run {self.run_id} lost its lease on {self.output}")
             if progress is not None:
                 self.progress = progress
-            record = {**self._record(self.generation), "acquired_at": self.record["acquired_at"]}
+            # a new version on every renewal (its counter): a waiting run times expiry from the last one it saw
+            record = {**self._record(self.generation), "acquired_at": self.record["acquired_at"],
+                      "renewal": self.record.get("renewal", 0) + 1}
             try:
                 self.etag = self.store.write(record, self.etag)
                 self.record = record

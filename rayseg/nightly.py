@@ -4,7 +4,7 @@ commit them in waves, each exactly once.
     rayseg nightly 's3://archive/shards/*.tar' --output s3://masks/nightly --checkpoint s3://models/prod/best
     rayseg nightly 's3://archive/shards/*.tar' --output s3://masks/nightly --checkpoint s3://models/prod/best --status
 
-Layout of OUT (read it with `rayseg.read_table(OUT)`; see rayseg/table.py):
+Layout of OUT (read it with `rayseg.read_table(OUT)`; see rayseg/table.py, and rayseg/commit.py for how waves commit):
 
     images/              a Delta table: one row per image, objects (with --objects) inside their image's row
     _manifest/           the committed shards: URL, size, version, key, file (a snapshot + the parts of recent waves)
@@ -29,7 +29,7 @@ import logging
 import time
 import uuid
 
-from rayseg import layout, storage, table
+from rayseg import commit, layout, storage, table
 from rayseg.cliutil import add_command, config_from, print_summary
 from rayseg.config import KEYED, OPTIONS, NightlyConfig, public_config
 from rayseg.errors import UserError
@@ -127,6 +127,10 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     so = cfg.storage_options
     _check_layout(cfg)
+    if not cfg.status:  # before any work: a store that cannot keep two runs apart is refused in one sentence
+        from rayseg.lease import check_store
+
+        check_store(cfg.output, so, cfg.unsafe_single_writer)
     shards, ignored = storage.discover(cfg.inputs, so)
 
     from rayseg.adapters import load_model
@@ -143,8 +147,8 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
 
         with Lease(cfg.output, so, run_id, cfg.lease_seconds, cfg.lease_wait) as lease:
             previous = lease.previous
-            lease.at_least(table.generation_of(table.open_table(cfg.output, so, create=True).transaction_version(table.APP_ID)) + 1)
-            table.fence(cfg.output, so, lease.generation, run_id)  # a run that lost this lease can commit nothing after this
+            lease.at_least(commit.generation_of(table.open_table(cfg.output, so, create=True).transaction_version(table.APP_ID)) + 1)
+            commit.fence(cfg.output, so, lease.generation, run_id)  # a run that lost this lease can commit nothing after this
             state = table.read_state(cfg.output, so)  # again, under the lease: another run may have committed meanwhile
             b = backlog(shards, state.records, key)
             table.compact_manifest(cfg.output, so, state, run_id)  # parts a killed run left
@@ -152,7 +156,7 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
                 todo = sorted(b["new"] + b["changed"], key=lambda s: s.url)
                 waves, cluster = segment_waves(cfg, todo, bundle, state, lease, key, run_id)
                 if all(state.records.get(s.url, {}).get("run_id") == run_id for s in todo):  # the night is whole
-                    table.mark_complete(state, cfg.output, lease.generation, run_id, started.date().isoformat())
+                    commit.mark_complete(state, cfg.output, lease.generation, run_id, started.date().isoformat())
                 table.compact_manifest(cfg.output, so, state, run_id)
                 vacuumed = table.vacuum(state)
     summary = make_summary(cfg, run_id, shards, b, waves, state, previous, bundle, key, ignored, cluster, vacuumed)

@@ -5,7 +5,7 @@ rows each shard gave, so the writer knows when it holds all of a shard: until th
 memory; then they go into the current wave's Parquet file. When a shard completes and --commit-seconds have
 passed since the last commit (for the first wave: since the first rows arrived), or the wave's file reached
 --commit-mb megabytes, or it holds --commit-every images (a cap, off by default), the file is closed and
-committed (table.commit), and the next wave starts. Time, not a count, bounds what a kill loses whatever the
+committed (commit.commit), and the next wave starts. Time, not a count, bounds what a kill loses whatever the
 model, cluster or backlog: the wave in flight and the shards still arriving, about --commit-seconds of work;
 their rows are never committed. Waiting for order instead would hold every commit behind the slowest early shard.
 
@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rayseg import layout, storage, table
+from rayseg import commit, layout, storage, table
 from rayseg.storage import Shard
 
 log = logging.getLogger("rayseg")
@@ -152,7 +152,7 @@ class WaveWriter:
         part += moved
         self.lease.renew(self.lease.progress)  # fails if another run has taken the lease: nothing is committed then
         log.info("wave %d: lease renewed, committing %d shards", number, len(shards))
-        version = table.commit(self.state, self.cfg.output, self.so, adds + extra, removes, part,
+        version = commit.commit(self.state, self.cfg.output, self.so, adds + extra, removes, part,
                                f"{self.run_id}-w{number:05d}.parquet", self.lease.generation, self.run_id)
         wave = {"wave": number, "shards": len(shards), "rows": self.rows, "errors": sum(c[1] for c in self.per_shard.values()),
                 "replaced_shards": len(redone), "files_removed": len(removes), "table_version": version,

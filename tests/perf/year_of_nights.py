@@ -17,7 +17,7 @@ import time
 
 import pyarrow as pa
 
-from rayseg import table
+from rayseg import commit, table
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
         state = table.read_state(out, None)
         if state.table is None:
             state = table.State({}, table=table.open_table(out, None, create=True))
-        table.fence(out, None, night + 1, run)
+        commit.fence(out, None, night + 1, run)
         state = table.read_state(out, None)
         for w in range(a.waves):
             url = f"s://shard-{night:04d}-{w:02d}"
@@ -41,9 +41,9 @@ def main() -> None:
             size = table.write_file(rows, os.path.join(out, "images", rel), None)
             part = [{"shard_url": url, "size": 1, "version": "1", "key": "k", "file": rel, "rows": 1, "errors": 0,
                      "run_id": run, "committed_at": "2026-12-04T00:00:00Z"}]
-            table.commit(state, out, None, [table.add_action(rel, size, table.FileStats().update(rows))], [], part,
+            commit.commit(state, out, None, [table.add_action(rel, size, table.FileStats().update(rows))], [], part,
                          f"{run}-w{w:05d}.parquet", night + 1, run)
-        table.mark_complete(state, out, night + 1, run, f"night-{night:04d}")
+        commit.mark_complete(state, out, night + 1, run, f"night-{night:04d}")
         table.compact_manifest(out, None, state, run)
     build_s = time.perf_counter() - t0
     log_dir = os.path.join(out, "images", "_delta_log")

@@ -70,10 +70,51 @@ def test_a_holder_on_another_host_waits_for_expiry(where):
     held_by(out, opts, process={**lease.this_machine(), "boot_id": "another-boot", "pid": 999_999_999})  # a clone's name
     with pytest.raises(LeaseHeld):
         Lease(out, opts, "second", 60).acquire()
-    held_by(out, opts, host="another-host", pid=999_999_999, expires_at=time.time() - 1)
-    taken = Lease(out, opts, "second", 60)
+    held_by(out, opts, host="another-host", pid=999_999_999, ttl_s=1)  # not renewed: expires 1 s after it is first seen
+    t0 = time.monotonic()
+    taken = Lease(out, opts, "second", 60, wait_s=10)
     taken.acquire()
+    assert 1 <= time.monotonic() - t0 < 4
     assert taken.previous["host"] == "another-host"
+
+
+class SkewedLease(Lease):
+    """A holder whose wall clock is `skew_s` off: every timestamp it writes (renewed, expires) is shifted by it."""
+
+    def __init__(self, *args, skew_s: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skew_s = skew_s
+
+    def _record(self, generation: int) -> dict:
+        r = super()._record(generation)
+        return {**r, "renewed_at": r["renewed_at"] + self.skew_s, "expires_at": r["expires_at"] + self.skew_s}
+
+
+@pytest.mark.parametrize("skew_h", [-3, 3])
+def test_expiry_is_timed_on_the_waiters_clock_whatever_the_holders_says(where, skew_h, caplog):
+    """A holder 3 h behind writes leases that look expired, one 3 h ahead leases that look good for hours: while it
+    renews, a waiter never takes it over; once it stops renewing, the waiter takes it over one lifetime after it
+    first saw the last renewal."""
+    out, opts = where
+    ttl = 4.0
+    holder = SkewedLease(out, opts, "skewed", ttl, skew_s=skew_h * 3600).__enter__()  # renews every ttl/3
+    try:
+        with pytest.raises(LeaseHeld, match="run skewed "):
+            Lease(out, opts, "waiter", ttl, wait_s=2.5 * ttl).acquire()  # sees several renewals, each a new version
+        assert _Store(out, opts).read()[0]["renewal"] >= 4
+    finally:
+        holder._stop.set()  # the holder stalls: no more renewals, and no release
+        holder._thread.join(timeout=30)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="rayseg"):
+        taken = Lease(out, opts, "waiter", ttl, wait_s=6 * ttl)
+        taken.acquire()
+    waited = time.monotonic() - t0
+    assert ttl <= waited < ttl + 3, waited
+    assert taken.previous["run_id"] == "skewed" and taken.generation == taken.previous["generation"] + 1
+    assert any("took over the expired lease of run skewed" in r.getMessage() for r in caplog.records)
+    with pytest.raises(lease.LeaseLost):
+        holder.renew()  # the stalled holder resumes: its compare-and-swap fails
 
 
 def test_a_lease_without_a_process_record_waits_for_expiry(where):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 
-from rayseg import table
+from rayseg import commit, table
 
 
 def manifest_row(url: str, run: str = "r1") -> dict:
@@ -17,7 +17,7 @@ def manifest_row(url: str, run: str = "r1") -> dict:
 
 
 def commit_shard(out: str, state: table.State, url: str, n: int) -> None:
-    table.commit(state, out, None, [], [], [manifest_row(url)], f"r1-w{n:04d}.parquet", generation=1, run_id="r1")
+    commit.commit(state, out, None, [], [], [manifest_row(url)], f"r1-w{n:04d}.parquet", generation=1, run_id="r1")
 
 
 def new_table(tmp_path, shards: list[str]) -> tuple[str, table.State]:
@@ -94,15 +94,15 @@ def test_a_run_that_lost_its_lease_commits_nothing_after_the_new_holders_fence(t
     from rayseg.lease import LeaseLost
 
     out, a = new_table(tmp_path, ["s://a"])
-    table.fence(out, None, 2, "run-b")
+    commit.fence(out, None, 2, "run-b")
     with pytest.raises(LeaseLost, match="lost its lease: another run \\(lease generation 2\\) took the output over"):
-        table.commit(a, out, None, [], [], [manifest_row("s://b", "run-a")], "part-a.parquet", generation=1, run_id="run-a")
+        commit.commit(a, out, None, [], [], [manifest_row("s://b", "run-a")], "part-a.parquet", generation=1, run_id="run-a")
     b = table.read_state(out, None)
-    table.commit(b, out, None, [], [], [manifest_row("s://b", "run-b")], "part-b.parquet", generation=2, run_id="run-b")
+    commit.commit(b, out, None, [], [], [manifest_row("s://b", "run-b")], "part-b.parquet", generation=2, run_id="run-b")
     assert [c[table.PART_KEY] for c in wave_commits(out)] == ["r1-w0000.parquet", "part-b.parquet"]
     records = table.read_state(out, None).records
     assert sorted(records) == ["s://a", "s://b"] and records["s://b"]["run_id"] == "run-b"
-    assert table.generation_of(b.table.transaction_version(table.APP_ID)) == 2
+    assert commit.generation_of(b.table.transaction_version(table.APP_ID)) == 2
 
 
 def flaky(dt, failures: int, after: bool):
@@ -150,7 +150,7 @@ def data_commit(out: str, state: table.State, url: str, ids: list[str], n: int) 
     rows = pa.Table.from_pylist([{"image_id": i, "shard": url} for i in ids], schema=table.NIGHTLY_SCHEMA)
     rel = f"w{n:04d}.parquet"
     size = table.write_file(rows, os.path.join(out, "images", rel), None)
-    table.commit(state, out, None, [table.add_action(rel, size, table.FileStats().update(rows))], [], [manifest_row(url)],
+    commit.commit(state, out, None, [table.add_action(rel, size, table.FileStats().update(rows))], [], [manifest_row(url)],
                  f"r1-w{n:04d}.parquet", generation=1, run_id="r1")
 
 
@@ -164,9 +164,9 @@ def test_a_reader_asks_for_the_last_finished_night_not_a_run_still_writing(tmp_p
     out = str(tmp_path / "out")
     state = table.State({}, table=table.open_table(out, None, create=True))
     data_commit(out, state, "s://a", ["a0", "a1"], 0)
-    table.mark_complete(state, out, 1, "r1", "2026-12-01")
+    commit.mark_complete(state, out, 1, "r1", "2026-12-01")
     data_commit(out, state, "s://b", ["b0"], 1)
-    table.mark_complete(state, out, 1, "r1", "2026-12-02")
+    commit.mark_complete(state, out, 1, "r1", "2026-12-02")
     data_commit(out, state, "s://c", ["c0"], 2)  # the third night's run, still writing (or killed)
 
     assert image_ids(out) == ["a0", "a1", "b0", "c0"]  # the table as it is now
