@@ -210,6 +210,10 @@ OPTIONS: dict[str, Option] = {
     "status": Option(bool, False, "print the backlog (shards new, changed, done) and exit, without starting Ray"),
     "unsafe_single_writer": Option(bool, False, "run even where OUT's store cannot keep two runs apart (no conditional "
                                                 "writes); only if nothing else can ever write OUT at the same time"),
+    "keep_hours": Option(int, 168, "time travel: files a commit replaced stay this many hours, so read_table(OUT, "
+                                        "night=...) reads any night this recent (up to the log's 30 days)",
+                         _between(0, 720, "between 0 and 720")),
+    "full_vacuum": Option(bool, False, "list the whole table for files no commit names (a run that ended whole needs none)"),
     # doctor
     "gpu": Option(bool, False, "check the GPU path too: predictor, segment end to end, training and bench on this machine's GPU"),
 }
@@ -290,7 +294,7 @@ def _check_nightly(cfg) -> None:
 
 NightlyConfig = compose("NightlyConfig", MODEL, ("inputs",), OUTPUT, STORAGE, READ, PREDICT, POOL, CLUSTER,
                         ("commit_seconds", "commit_mb", "commit_every", "lease_seconds", "lease_wait", "status",
-                         "unsafe_single_writer"),
+                         "unsafe_single_writer", "keep_hours", "full_vacuum"),
                         hidden=("overwrite",), check=_check_nightly,
                         doc="`rayseg nightly`: segment's options, how often to commit, and the lease on OUT; OUT is never cleared.")
 

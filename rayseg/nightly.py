@@ -147,7 +147,9 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
 
         with Lease(cfg.output, so, run_id, cfg.lease_seconds, cfg.lease_wait) as lease:
             previous = lease.previous
-            lease.at_least(commit.generation_of(table.open_table(cfg.output, so, create=True).transaction_version(table.APP_ID)) + 1)
+            dt = table.open_table(cfg.output, so, create=True)
+            lease.at_least(commit.generation_of(dt.transaction_version(table.APP_ID)) + 1)
+            full_vacuum = cfg.full_vacuum or previous is not None or not table.last_run_ended_whole(dt)
             commit.fence(cfg.output, so, lease.generation, run_id)  # a run that lost this lease can commit nothing after this
             state = table.read_state(cfg.output, so)  # again, under the lease: another run may have committed meanwhile
             b = backlog(shards, state.records, key)
@@ -158,7 +160,7 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
                 if all(state.records.get(s.url, {}).get("run_id") == run_id for s in todo):  # the night is whole
                     commit.mark_complete(state, cfg.output, lease.generation, run_id, started.date().isoformat())
                 table.compact_manifest(cfg.output, so, state, run_id)
-                vacuumed = table.vacuum(state)
+                vacuumed = table.vacuum(state, cfg.keep_hours, full_vacuum)
     summary = make_summary(cfg, run_id, shards, b, waves, state, previous, bundle, key, ignored, cluster, vacuumed)
     summary.update(layout.summary_tail(started, t0))
     storage.write_json(storage.join(cfg.output, RUNS_DIR, f"{run_id}.json"), summary, so)

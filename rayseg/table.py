@@ -44,10 +44,9 @@ MANIFEST_SCHEMA = pa.schema([("shard_url", pa.string()), ("size", pa.int64()), (
                              ("committed_at", pa.string())])
 APP_ID = "rayseg-nightly"  # the application transaction id carrying the lease generation
 PART_KEY = "rayseg.manifest_part"
-# Files replaced by a commit stay this long for readers still holding an older snapshot, then `vacuum` deletes them
-# (with files of waves that never committed). This is the time-travel window: `read_table(OUT, night=...)` reads a
-# night up to this old.
-VACUUM_HOURS = 24
+# Files replaced by a commit stay this long (nightly's --keep-hours) for readers still holding an older snapshot, then
+# `vacuum` deletes them. This is the time-travel window: `read_table(OUT, night=...)` reads a night up to this old.
+VACUUM_HOURS = 168
 NIGHT_KEY = "rayseg.night_complete"  # commit metadata of the last commit of a nightly run that finished: its date
 # Table properties of a new table, for a year of nights: a checkpoint every 100 commits (a reader replays at most
 # 99 commit files), commit files older than 30 days deleted at checkpoints (the log stays bounded), and replaced
@@ -346,9 +345,24 @@ def keep_rows(output: str, storage_options: dict | None, rel: str, keep: list[st
     return t.filter(pc.is_in(t["shard"], pa.array(keep, pa.string())))
 
 
-def vacuum(state: State) -> int:
-    """Delete files replaced more than VACUUM_HOURS ago and files of waves that never committed; returns how many."""
+def vacuum(state: State, keep_hours: int = VACUUM_HOURS, full: bool = False) -> int:
+    """Delete files that commits replaced more than `keep_hours` ago; returns how many.
+
+    Without `full` only the log's own record of replaced files is read, so the cost follows what was replaced in the
+    time-travel window, not the table's history. `full` also lists every file under the table for files no commit
+    names: the waves of a run that died or was fenced out before its commit. nightly asks for it after a run that did
+    not end whole (`last_run_ended_whole`), the only runs that leave such files.
+    """
     if state.table is None:
         return 0
-    removed = state.table.vacuum(retention_hours=VACUUM_HOURS, enforce_retention_duration=False, dry_run=False, full=True)
+    removed = state.table.vacuum(retention_hours=keep_hours, enforce_retention_duration=False, dry_run=False, full=full)
     return len(removed)
+
+
+def last_run_ended_whole(dt) -> bool:
+    """Whether the table's last commit (a vacuum's own aside) is a finished run's night mark, or the table is new."""
+    for entry in dt.history(20):  # newest first; a vacuum commits a start and an end
+        if str(entry.get("operation", "")).startswith("VACUUM"):
+            continue
+        return bool(entry.get(NIGHT_KEY)) or entry.get("operation") == "CREATE TABLE"
+    return False  # twenty vacuum commits in a row: list everything once

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 
-from rayseg import commit, table
+from rayseg import commit, layout, table
 
 
 def manifest_row(url: str, run: str = "r1") -> dict:
@@ -177,3 +177,44 @@ def test_a_reader_asks_for_the_last_finished_night_not_a_run_still_writing(tmp_p
         table.read_table(out, night="2026-11-30")
     config = table.open_table(out, None).metadata().configuration
     assert config["delta.checkpointInterval"] == "100" and config["delta.logRetentionDuration"] == "interval 30 days"
+
+
+# ---- upkeep: time travel and vacuum --------------------------------------------------------------------------
+
+
+def commit_rows(out: str, state: table.State, shard: str, rel: str, n: int, removes: list[str] = ()) -> None:
+    import pyarrow as pa
+
+    rows = pa.Table.from_pylist([{"image_id": f"{shard}::{i}", "shard": shard, "height": 8, "width": 8} for i in range(n)],
+                                schema=table.NIGHTLY_SCHEMA)
+    size = table.write_file(rows, os.path.join(out, layout.IMAGES_DIR, rel), None)  # rel: under the table
+    commit.commit(state, out, None, [table.add_action(rel, size, table.FileStats().update(rows))], list(removes),
+                  [manifest_row(shard)], f"r1-{rel}", generation=1, run_id="r1")
+
+
+def test_replaced_files_stay_for_keep_hours_and_unnamed_files_go_only_with_a_full_vacuum(tmp_path):
+    out, state = new_table(tmp_path, [])
+    commit_rows(out, state, "s://a", "a-1.parquet", 3)
+    night = commit.mark_complete(state, out, 1, "r1", "2026-12-03")
+    commit_rows(out, state, "s://a", "a-2.parquet", 4, removes=["a-1.parquet"])  # the shard redone
+    commit.mark_complete(state, out, 1, "r1", "2026-12-04")
+    stray = os.path.join(out, layout.IMAGES_DIR, "dead-run-w0001.parquet")  # a wave written, never committed
+    with open(stray, "wb") as f:
+        f.write(b"PAR1")
+    assert table.last_run_ended_whole(table.open_table(out, None))
+
+    assert table.vacuum(table.read_state(out, None), keep_hours=168) == 0  # inside the window: the night stays readable
+    assert table.read_table(out, night="2026-12-03").count_rows() == 3 and table.read_table(out).count_rows() == 4
+    assert table.vacuum(table.read_state(out, None), keep_hours=0) == 1  # the window is 0 h: the replaced file goes
+    assert not os.path.exists(os.path.join(out, layout.IMAGES_DIR, "a-1.parquet")) and os.path.exists(stray)  # the log alone was read
+    full = table.vacuum(table.read_state(out, None), keep_hours=0, full=True)
+    assert full >= 1 and sorted(os.listdir(os.path.join(out, layout.IMAGES_DIR))) == ["_delta_log", "a-2.parquet"]
+    assert table.read_table(out).count_rows() == 4 and night > 0
+
+
+def test_a_run_that_did_not_end_whole_is_seen_by_the_next(tmp_path):
+    out, state = new_table(tmp_path, [])
+    assert table.last_run_ended_whole(table.open_table(out, None))  # a new table
+    commit.fence(out, None, 1, "r1")
+    commit_rows(out, table.read_state(out, None), "s://a", "a-1.parquet", 2)  # killed after this wave
+    assert not table.last_run_ended_whole(table.open_table(out, None))
