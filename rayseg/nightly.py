@@ -149,7 +149,7 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
             previous = lease.previous
             dt = table.open_table(cfg.output, so, create=True)
             lease.at_least(commit.generation_of(dt.transaction_version(table.APP_ID)) + 1)
-            full_vacuum = cfg.full_vacuum or previous is not None or not table.last_run_ended_whole(dt)
+            full_vacuum = cfg.full_vacuum or previous is not None or not table.last_run_ended_whole(cfg.output, so, dt)
             commit.fence(cfg.output, so, lease.generation, run_id)  # a run that lost this lease can commit nothing after this
             state = table.read_state(cfg.output, so)  # again, under the lease: another run may have committed meanwhile
             b = backlog(shards, state.records, key)

@@ -359,10 +359,16 @@ def vacuum(state: State, keep_hours: int = VACUUM_HOURS, full: bool = False) -> 
     return len(removed)
 
 
-def last_run_ended_whole(dt) -> bool:
-    """Whether the table's last commit (a vacuum's own aside) is a finished run's night mark, or the table is new."""
-    for entry in dt.history(20):  # newest first; a vacuum commits a start and an end
-        if str(entry.get("operation", "")).startswith("VACUUM"):
+def last_run_ended_whole(output: str, storage_options: dict | None, dt) -> bool:
+    """Whether the table's last commit (a vacuum's own aside) is a finished run's night mark, or the table is new.
+
+    Reads the last commit files themselves, newest first: a history call lists the whole log (and on some S3
+    servers that listing does not return)."""
+    fs, log = storage.filesystem(storage.join(output, layout.IMAGES_DIR, "_delta_log"), storage_options)
+    for version in range(dt.version(), max(-1, dt.version() - 20), -1):  # a vacuum commits a start and an end
+        info = next((a["commitInfo"] for a in map(json.loads, fs.cat_file(f"{log}/{version:020d}.json").splitlines())
+                     if "commitInfo" in a), {})
+        if str(info.get("operation", "")).startswith("VACUUM"):
             continue
-        return bool(entry.get(NIGHT_KEY)) or entry.get("operation") == "CREATE TABLE"
+        return bool(info.get(NIGHT_KEY)) or info.get("operation") == "CREATE TABLE"
     return False  # twenty vacuum commits in a row: list everything once

@@ -201,7 +201,7 @@ def test_replaced_files_stay_for_keep_hours_and_unnamed_files_go_only_with_a_ful
     stray = os.path.join(out, layout.IMAGES_DIR, "dead-run-w0001.parquet")  # a wave written, never committed
     with open(stray, "wb") as f:
         f.write(b"PAR1")
-    assert table.last_run_ended_whole(table.open_table(out, None))
+    assert table.last_run_ended_whole(out, None, table.open_table(out, None))
 
     assert table.vacuum(table.read_state(out, None), keep_hours=168) == 0  # inside the window: the night stays readable
     assert table.read_table(out, night="2026-12-03").count_rows() == 3 and table.read_table(out).count_rows() == 4
@@ -214,7 +214,7 @@ def test_replaced_files_stay_for_keep_hours_and_unnamed_files_go_only_with_a_ful
 
 def test_a_run_that_did_not_end_whole_is_seen_by_the_next(tmp_path):
     out, state = new_table(tmp_path, [])
-    assert table.last_run_ended_whole(table.open_table(out, None))  # a new table
+    assert table.last_run_ended_whole(out, None, table.open_table(out, None))  # a new table
     commit.fence(out, None, 1, "r1")
     commit_rows(out, table.read_state(out, None), "s://a", "a-1.parquet", 2)  # killed after this wave
-    assert not table.last_run_ended_whole(table.open_table(out, None))
+    assert not table.last_run_ended_whole(out, None, table.open_table(out, None))
