@@ -61,6 +61,7 @@ class Fingerprint:
     window: tuple[float, float]  # medians of each image's 0.5th and 99.5th percentiles
     high_spread: float  # how far the images' 99.5th percentiles move: (p90 - p10) / median of them
     zero_fraction: float  # share of an image's pixels that are exactly 0
+    tail: float  # how far an image's maximum lies past its 0.5..99.5 window, in widths of it (hot pixels: far)
     class_fraction: tuple[float, ...]  # per class: its share of all pixels
     class_images: tuple[float, ...]  # per class: the share of images it appears in
     object_area: tuple[float, ...]  # per class: the median area of its objects (8-connected), 0 for background
@@ -110,6 +111,7 @@ def fold(summaries: list[dict], num_classes: int) -> Fingerprint:
         window=(float(np.median([s["low"] for s in summaries])), median_high),
         high_spread=float((_pct(highs, 90) - _pct(highs, 10)) / abs(median_high)) if median_high else 0.0,
         zero_fraction=float(np.median([s["zero"] for s in summaries])),
+        tail=float(np.median([(s["max"] - s["high"]) / max(s["high"] - s["low"], 1e-12) for s in summaries])),
         class_fraction=tuple(float(v) for v in pixels / max(pixels.sum(), 1)),
         class_images=tuple(float(v) for v in present / len(summaries)),
         object_area=tuple(0.0 if c == 0 else _pct(a, 50) for c, a in enumerate(areas)),

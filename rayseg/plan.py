@@ -25,6 +25,8 @@ log = logging.getLogger("rayseg")
 
 CT_AIR = -500.0  # values this low exist in CT (Hounsfield units: air is -1000) and in no unitless modality
 ZERO_BACKGROUND = 0.2  # a median image with this share of exact zeros has a background outside the body (MRI)
+HOT_TAIL = 1.0  # a maximum further past the 99.5th percentile than the window is wide: outliers (hot pixels), which a
+# z-score follows and a percentile window ignores
 MULTIPLE = 32  # input sides are multiples of the torchvision models' total stride (the UNet needs 8)
 MIN_INPUT, MAX_INPUT = 32, 512  # past 512 a crop already holds far more context than these models use
 MIN_BATCH = 2  # nnU-Net's floor: batch norm needs more than one image
@@ -85,11 +87,12 @@ def plan_intensity(fp: Fingerprint) -> Choice:
     if lo <= CT_AIR:
         return Choice("dataset", f"values from {lo:g} to {hi:g} (CT's Hounsfield units: air is -1000): one physical scale "
                                  "shared by every image, so the training set's 0.5..99.5 percentile clip and z-score")
-    if fp.zero_fraction >= ZERO_BACKGROUND:
+    if fp.zero_fraction >= ZERO_BACKGROUND and fp.tail <= HOT_TAIL:
         return Choice("nonzero", f"{fp.zero_fraction:.0%} of a median image is exactly 0 (a background outside the body, as "
                                  "in MRI) and the values have no physical unit: z-score over each image's non-zero pixels")
-    return Choice("percentile", f"{'/'.join(fp.dtypes)} values without a physical unit or a zero background (fluorescence-"
-                                f"like; the 99.5th percentile moves {fp.high_spread:.0%} between images): per-image 1..99.8 percentiles")
+    why = "outliers far past the 99.5th percentile (hot pixels)" if fp.zero_fraction >= ZERO_BACKGROUND else "no zero background"
+    return Choice("percentile", f"{'/'.join(fp.dtypes)} values without a physical unit, {why} (fluorescence-like; the 99.5th "
+                                f"percentile moves {fp.high_spread:.0%} between images): per-image 1..99.8 percentiles")
 
 
 def _round_up(n: float, multiple: int = MULTIPLE) -> int:

@@ -177,3 +177,13 @@ def test_the_plan_is_json_with_one_line_per_choice():
     assert record["fingerprint"]["images"] == 6 and record["intensity"]["value"] == "dataset"
     lines = plan.lines()
     assert len(lines) == 5 and all("planned: " in line for line in lines)
+
+
+def test_a_zero_background_with_hot_pixels_keeps_percentiles():
+    pairs = []
+    for img, mask in mri_slices():
+        img = img.copy()
+        img[0, :3] = 65535  # a few hot pixels: a z-score would follow them, a percentile window does not
+        pairs.append((img, mask))
+    plan, _ = plan_of(pairs)
+    assert plan.intensity.value == "percentile" and "hot pixels" in plan.intensity.reason
