@@ -27,7 +27,7 @@ CT_AIR = -500.0  # values this low exist in CT (Hounsfield units: air is -1000) 
 ZERO_BACKGROUND = 0.2  # a median image with this share of exact zeros has a background outside the body (MRI)
 HOT_TAIL = 1.0  # a maximum further past the 99.5th percentile than the window is wide: outliers (hot pixels), which a
 # z-score follows and a percentile window ignores
-MULTIPLE = 32  # input sides are multiples of the torchvision models' total stride (the UNet needs 8)
+MULTIPLE = 16  # input sides are multiples of this: twice the UNet's total stride (8), as nnU-Net rounds its patch
 MIN_INPUT, MAX_INPUT = 32, 512  # past 512 a crop already holds far more context than these models use
 MIN_BATCH = 2  # nnU-Net's floor: batch norm needs more than one image
 MAX_BATCH = {"cpu": 8, "gpu": 64}  # on a CPU a larger batch only makes each step longer; 8 is train's earlier default

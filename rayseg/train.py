@@ -408,5 +408,5 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
 
 
 def register(sub) -> None:
-    add_command(sub, "train", TrainConfig, lambda cfg: print_summary(train(cfg), omit=("config", "history")),
+    add_command(sub, "train", TrainConfig, lambda cfg: print_summary(train(cfg), omit=("config", "history", "plan")),
                 help="train a segmentation model on labelled pairs with Ray Train", description=__doc__.split("\n\n")[0])

@@ -139,7 +139,7 @@ def test_small_images_fit_whole_and_are_padded_not_stretched():
     rng = np.random.default_rng(0)
     pairs = [(rng.integers(0, 256, (40, 36, 1), dtype=np.uint8), disc((40, 36), (20, 18), 3).astype(np.uint8)) for _ in range(6)]
     plan, _ = plan_of(pairs)
-    assert plan.input_size.value == 64  # the median image (40 x 36) whole, rounded up to a multiple of 32
+    assert plan.input_size.value == 48  # the median image (40 x 36) whole, rounded up to a multiple of 16
     assert plan.geometry.value == "native" and "padded" in plan.geometry.reason
     assert plan.oversample.value == 0 and "whole image" in plan.oversample.reason  # even though the class is rare
 
