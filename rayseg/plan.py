@@ -91,8 +91,9 @@ def plan_intensity(fp: Fingerprint) -> Choice:
         return Choice("nonzero", f"{fp.zero_fraction:.0%} of a median image is exactly 0 (a background outside the body, as "
                                  "in MRI) and the values have no physical unit: z-score over each image's non-zero pixels")
     why = "outliers far past the 99.5th percentile (hot pixels)" if fp.zero_fraction >= ZERO_BACKGROUND else "no zero background"
-    return Choice("percentile", f"{'/'.join(fp.dtypes)} values without a physical unit, {why} (fluorescence-like; the 99.5th "
-                                f"percentile moves {fp.high_spread:.0%} between images): per-image 1..99.8 percentiles")
+    # auto: for these deep images exactly percentile 1..99.8, and what cards recorded before there was a plan
+    return Choice("auto", f"{'/'.join(fp.dtypes)} values without a physical unit, {why} (fluorescence-like; the 99.5th "
+                          f"percentile moves {fp.high_spread:.0%} between images): per-image 1..99.8 percentiles")
 
 
 def _round_up(n: float, multiple: int = MULTIPLE) -> int:

@@ -102,13 +102,13 @@ def test_mri_like_data_gets_a_zscore_over_each_images_nonzero_region():
 
 def test_fluorescence_like_data_gets_per_image_percentiles():
     plan, _ = plan_of(fluorescence_images())
-    assert plan.intensity.value == "percentile"
+    assert plan.intensity.value == "auto" and "per-image 1..99.8 percentiles" in plan.intensity.reason  # auto's rule for deep images
     assert plan.fingerprint.zero_fraction == 0 and plan.fingerprint.high_spread > 0.5  # brightness moves by image
 
 
 def test_8bit_photos_keep_the_8bit_rule():
     plan, stats = plan_of(photos())
-    assert plan.intensity.value == "auto" and "8-bit" in plan.intensity.reason
+    assert plan.intensity.value == "auto" and "8-bit images: value / 255" in plan.intensity.reason
     assert stats["channels"] == {3: 6} and plan.fingerprint.channels == {3: 6}
 
 
@@ -186,4 +186,4 @@ def test_a_zero_background_with_hot_pixels_keeps_percentiles():
         img[0, :3] = 65535  # a few hot pixels: a z-score would follow them, a percentile window does not
         pairs.append((img, mask))
     plan, _ = plan_of(pairs)
-    assert plan.intensity.value == "percentile" and "hot pixels" in plan.intensity.reason
+    assert plan.intensity.value == "auto" and "hot pixels" in plan.intensity.reason
