@@ -127,7 +127,7 @@ OPTIONS: dict[str, Option] = {
     "to": Option(str, "onnx", "export format", meta={"choices": ("onnx", "pt2")}, rows=SAME),
     "with_mask": Option(bool, False, "export: also output the argmax mask and the top probability, beside the logits", rows=SAME),
     "checkpoint": Option(str | None, None, "rayseg checkpoint directory URL (overrides --model/--num-classes)", rows=BY_MODEL),
-    "input_size": Option(int | None, None, "side of the square model input (default: checkpoint's, else 256)", _at_least(16), rows=KEYED),
+    "input_size": Option(int | None, None, "side of the square model input", _at_least(16), {"auto": "the checkpoint's, else 256"}, rows=KEYED),
     # read
     "h5_key": Option(str, "images", "HDF5 dataset holding the images", rows=KEYED),
     "image_column": Option(str, "image", "Parquet column holding encoded image bytes", rows=KEYED),
@@ -148,9 +148,8 @@ OPTIONS: dict[str, Option] = {
     "compile": Option(bool, False, "torch.compile the model", rows=SAME),
     "intensity": Option(str, "", "intensity normalisation: auto, percentile[:LO:HI], dataset, nonzero, fixed:LO:HI or none "
                                  "(rayseg.intensity); default: the checkpoint's, and in train the plan's", _intensity, rows=KEYED),
-    "geometry": Option(str, "", "native: the model sees images at native scale (training crops; at inference a sliding window, "
-                                "smaller images padded); resize: whole images resized to the input size; default: the "
-                                "checkpoint's (one without a record: resize up to 2x the input size), in train the plan's",
+    "geometry": Option(str, "", "native: images at native scale (crops in training; a sliding window, smaller images padded); "
+                                "resize: whole images resized to the input; default: the checkpoint's, in train the plan's",
                        meta={"choices": ("native", "resize")}, rows=KEYED),
     # output
     "inputs": Option(tuple[str, ...], (), "input paths, globs or URLs (any fsspec protocol)",
@@ -176,8 +175,7 @@ OPTIONS: dict[str, Option] = {
     "workers": Option(int, 2, "Ray Train workers (DDP ranks)", _at_least(1)),
     "use_gpu": Option(bool, False, "one GPU per worker (NCCL, bf16 autocast)"),
     "seed": Option(int, 0, "random seed (model initialisation, augmentations, samples); the same seed gives the same result"),
-    "oversample": Option(float | None, None, "share of training crops centred on a foreground pixel (nnU-Net: 1/3); "
-                                             "default: the plan's", _between(0, 1, "between 0 and 1")),
+    "oversample": Option(float | None, None, "share of training crops centred on a foreground pixel", _between(0, 1, "between 0 and 1")),
     "in_channels": Option(int | None, None, "input channels of the model (train: default the training images', grey and RGB "
                                             "mixed: 3; a model file that does not record it: 3)",
                           _at_least(1), rows=KEYED),
@@ -312,12 +310,15 @@ EvalConfig = compose("EvalConfig", MODEL, LABELLED, ("json",), PREDICT, POOL, ST
                      defaults={"batch_size": 16}, check=_check_evaluate, doc="`rayseg evaluate`: a checkpoint scored on labelled data.")
 
 
-def _check_train(cfg) -> None:
-    _require("--data", cfg.data, "--data is required: labelled training data")
-    _require("--val-data", cfg.val_data, "--val-data is required: labelled validation data (the best checkpoint is picked on it)")
-    _require("--output", cfg.output, "--output is required")
+def _check_train(cfg, plan: bool = False) -> None:
+    """train's options; with `plan`, those `rayseg plan` takes too (the training DATA and the classes)."""
+    _require("--data", cfg.data, "give the labelled training DATA" if plan else "--data is required: labelled training data")
     if not 2 <= cfg.num_classes <= 255:
         raise UserError("--num-classes must be between 2 and 255")
+    if plan:
+        return
+    _require("--val-data", cfg.val_data, "--val-data is required: labelled validation data (the best checkpoint is picked on it)")
+    _require("--output", cfg.output, "--output is required")
     if cfg.class_names and len(cfg.class_names) != cfg.num_classes:
         raise UserError(f"--class-names gives {len(cfg.class_names)} names for --num-classes {cfg.num_classes}")
     if cfg.loss == "bce_dice" and cfg.num_classes != 2:
@@ -326,8 +327,7 @@ def _check_train(cfg) -> None:
         raise UserError("--lr must be positive")
 
 
-PLANNED = {"input_size": "planned from the training set (rayseg plan)", "batch_size": "planned from the memory per worker",
-           "oversample": "planned: 1/3 where a class is rare and crops do not hold whole images"}
+PLANNED = {n: "planned from the training set: see rayseg plan" for n in ("input_size", "batch_size", "oversample")}
 TrainConfig = compose("TrainConfig", LABELLED, ("val_data", "output", "model", "num_classes", "class_names", "input_size", "epochs",
                                                 "batch_size", "lr", "weight_decay", "loss", "workers", "use_gpu", "seed",
                                                 "max_failures", "keep_checkpoints", "intensity", "geometry", "oversample",
@@ -336,15 +336,9 @@ TrainConfig = compose("TrainConfig", LABELLED, ("val_data", "output", "model", "
                       doc="`rayseg train`: labelled data, model, schedule, workers; None or '' where the plan chooses.")
 
 
-def _check_plan(cfg) -> None:
-    _require("DATA", cfg.data, "give the labelled training DATA to plan from")
-    if not 2 <= cfg.num_classes <= 255:
-        raise UserError("--num-classes must be between 2 and 255")
-
-
 PlanConfig = compose("PlanConfig", LABELLED, ("model", "num_classes", "input_size", "batch_size", "intensity", "geometry",
                                               "oversample", "workers", "use_gpu", "json"), STORAGE, CLUSTER,
-                     defaults={"model": "unet"}, auto=PLANNED, positional=("data",), check=_check_plan,
+                     defaults={"model": "unet"}, auto=PLANNED, positional=("data",), check=lambda cfg: _check_train(cfg, plan=True),
                      doc="`rayseg plan`: the training data and the options `rayseg train` would be given.")
 
 
