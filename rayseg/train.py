@@ -20,10 +20,8 @@ import json
 import logging
 import math
 import os
-import socket
 import tempfile
 import time
-import zlib
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -35,6 +33,7 @@ from rayseg.config import TrainConfig, public_config
 from rayseg.errors import UserError
 from rayseg.feed import Prefetch, augmented_batches
 from rayseg.metrics import ConfusionMatrix, nan_to_none
+from rayseg.ranks import SYNC_BN_BELOW, all_mean, is_mine, wants_sync_batchnorm, where_ranks_run  # noqa: F401 (tests import them here)
 from rayseg.intensity import Inputs
 from rayseg.loss import criterion, warmup_cosine
 from rayseg.models import CARD_FILE, WEIGHTS_FILE, ModelCard, default_mean_std
@@ -42,21 +41,6 @@ from rayseg.models import CARD_FILE, WEIGHTS_FILE, ModelCard, default_mean_std
 log = logging.getLogger("rayseg")
 
 RUN_NAME, BEST_DIR, SUMMARY_FILE, STATE_FILE = "run", "best", "train_summary.json", "train_state.pt"
-SYNC_BN_BELOW = 16  # images per GPU under which per-GPU batch norm statistics are too noisy (SyncBatchNorm's use case)
-
-
-# ---- plain functions, tested without Ray (augmentation: rayseg.augment, loss: rayseg.loss) -----------------
-
-
-def is_mine(image_id: str, rank: int, world: int) -> bool:
-    """Validation rows are dealt to ranks by a hash of their id: every row exactly once, whatever the order."""
-    return zlib.crc32(str(image_id).encode()) % world == rank
-
-
-def wants_sync_batchnorm(device_type: str, world: int, batch_size: int) -> bool:
-    """Batch norm statistics over all ranks' batches, where each GPU's batch alone is too small to estimate them.
-    Never on CPU: SyncBatchNorm runs only on CUDA (NCCL), not on gloo."""
-    return device_type == "cuda" and world > 1 and batch_size < SYNC_BN_BELOW
 
 
 # ---- the Ray Train worker loop ------------------------------------------------------------------------
@@ -95,32 +79,6 @@ def build_training(cfg: TrainConfig, train_rows: int, world: int, device: torch.
     return model, optimizer, scheduler, state
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_mean(total: torch.Tensor, count: int) -> float:
-    """sum(total) / sum(count) over all ranks; `total` stays on its device (NCCL reduces only GPU tensors)."""
-    t = torch.stack([total.double(), torch.tensor(float(count), dtype=torch.float64, device=total.device)])
-    if _distributed():
-        torch.distributed.all_reduce(t)
-    return float(t[0] / t[1].clamp_min(1))
-
-
-def where_ranks_run(rank: int) -> list[dict]:
-    """{rank, node_id, hostname} of every rank, gathered from all of them (the same list on each)."""
-    import ray
-
-    mine = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
-    if not _distributed():
-        return [mine]
-    every: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(every, mine)
-    return sorted(every, key=lambda r: r["rank"])
-
-
 def train_one_epoch(model: torch.nn.Module, optimizer, scheduler, shard, cfg: TrainConfig, epoch: int, rank: int,
                     device: torch.device, card: ModelCard) -> float:
     """One pass over this rank's shard of the training data; returns the mean loss over all ranks. Images are
@@ -149,7 +107,7 @@ def train_one_epoch(model: torch.nn.Module, optimizer, scheduler, shard, cfg: Tr
             scheduler.step()
             loss_sum += loss.detach() * len(y)
             seen += len(y)
-    return _all_mean(loss_sum, seen)
+    return all_mean(loss_sum, seen)
 
 
 def validate(model: torch.nn.Module, card: ModelCard, val_iter, batch_size: int, rank: int, world: int) -> ConfusionMatrix:
