@@ -1,11 +1,13 @@
 """Dice on a real labelled image: the plan's defaults against a grid of hand options and a classical threshold.
 
-    python tests/perf/quality_nuclei.py --workdir /tmp/quality --epochs 12 --json quality.json
+    python tests/perf/quality_nuclei.py --set nuclei --workdir /tmp/quality --epochs 12 --json quality.json
+    python tests/perf/quality_nuclei.py --set volume --workdir /tmp/quality-volume --epochs 12
 
-The image is stardist's test_image_nuclei_2d (stardist, BSD-3-Clause; a 16-bit fluorescence image of nuclei from
-the 2018 Data Science Bowl, BBBC038, with its instance labels), read from the wheel's files. Its 512 x 512 pixels are
-cut: rows 0-319 into 40 training tiles of 64 x 64, rows 320-383 into 8 validation tiles, and rows 384-511 into 4
-held-out images of 128 x 128, twice the training tiles' side, so the inference geometry matters. Each intensity
+Two real labelled sets ship in the stardist wheel (BSD-3-Clause), read from its files: `nuclei`, the 2-D 16-bit
+fluorescence image of nuclei (test_image_nuclei_2d, from the 2018 Data Science Bowl, BBBC038) with its instance
+labels, cut into training tiles of 64 x 64 and held-out images of 128 x 128 (twice the tiles' side, so the
+inference geometry matters); and `volume`, its 3-D nuclei volume (test_image_nuclei_3d) sliced along z into 2-D
+images, different slices for training and testing. Masks are foreground (any instance) against background. Each intensity
 mode trains one UNet (`rayseg train`, 1 worker); each model is then scored on the held-out images by the predictor
 with each geometry (native scale, or whole images resized to the input). The threshold baseline is the single
 intensity threshold that maximises Dice on the training tiles (what a classical pipeline fits), applied as is.
@@ -25,34 +27,48 @@ import numpy as np
 TILE, HELD = 64, 128
 
 
-def nuclei() -> tuple[np.ndarray, np.ndarray]:
+def stardist_file(name: str) -> np.ndarray:
     import tifffile
 
-    folder = os.path.join(importlib.util.find_spec("stardist").submodule_search_locations[0], "data", "images")
-    return tifffile.imread(os.path.join(folder, "img2d.tif")), tifffile.imread(os.path.join(folder, "mask2d.tif")) > 0
+    return tifffile.imread(os.path.join(importlib.util.find_spec("stardist").submodule_search_locations[0], "data", "images", name))
 
 
-def write_splits(root: str) -> dict[str, list]:
-    """Folders of 16-bit TIFF pairs (masks 0/1); returns the held-out (image, truth) pairs too."""
+def write_pairs(root: str, split: str, pairs) -> None:
+    """Folders of 16-bit TIFF pairs, masks 0/1."""
     import tifffile
 
-    image, truth = nuclei()
-    held = []
-    boxes = {"train": [(r, c, TILE) for r in range(0, 320, TILE) for c in range(0, 512, TILE)],
-             "val": [(320, c, TILE) for c in range(0, 512, TILE)],
-             "test": [(r, c, HELD) for r in (384,) for c in range(0, 512, HELD)]}
-    for split, items in boxes.items():
-        for side in ("images", "masks"):
-            os.makedirs(os.path.join(root, split, side), exist_ok=True)
-        for r, c, s in items:
-            win = np.s_[r : r + s, c : c + s]
-            name = f"r{r}c{c}.tif"
-            tifffile.imwrite(os.path.join(root, split, "images", name), image[win])
-            tifffile.imwrite(os.path.join(root, split, "masks", name), truth[win].astype(np.uint8))
-            if split == "test":
-                held.append((image[win], truth[win]))
-    train = [(image[r : r + s, c : c + s], truth[r : r + s, c : c + s]) for r, c, s in boxes["train"]]
-    return {"held": held, "train": train}
+    for side in ("images", "masks"):
+        os.makedirs(os.path.join(root, split, side), exist_ok=True)
+    for i, (image, truth) in enumerate(pairs):
+        tifffile.imwrite(os.path.join(root, split, "images", f"{i:03d}.tif"), image)
+        tifffile.imwrite(os.path.join(root, split, "masks", f"{i:03d}.tif"), truth.astype(np.uint8))
+
+
+def nuclei_splits() -> dict[str, list]:
+    """The 2-D image: rows 0-319 as 40 training tiles of 64, rows 320-383 as 8 validation tiles, rows 384-511 as 4
+    held-out images of 128 x 128 (twice the tiles' side)."""
+    image, truth = stardist_file("img2d.tif"), stardist_file("mask2d.tif") > 0
+    cut = lambda r, c, s: (image[r : r + s, c : c + s], truth[r : r + s, c : c + s])  # noqa: E731
+    return {"train": [cut(r, c, TILE) for r in range(0, 320, TILE) for c in range(0, 512, TILE)],
+            "val": [cut(320, c, TILE) for c in range(0, 512, TILE)],
+            "test": [cut(384, c, HELD) for c in range(0, 512, HELD)]}
+
+
+def volume_splits() -> dict[str, list]:
+    """The 3-D volume (31 x 61 x 57) sliced along z: slices 0-19 train, 20-24 validate, 25-30 are held out."""
+    image, truth = stardist_file("img3d.tif"), stardist_file("mask3d.tif") > 0
+    pairs = list(zip(image, truth))
+    return {"train": pairs[:20], "val": pairs[20:25], "test": pairs[25:]}
+
+
+SETS = {"nuclei": nuclei_splits, "volume": volume_splits}
+
+
+def write_splits(root: str, name: str) -> dict[str, list]:
+    splits = SETS[name]()
+    for split, pairs in splits.items():
+        write_pairs(root, split, pairs)
+    return {"held": splits["test"], "train": splits["train"]}
 
 
 def dice(preds, truths) -> float:
@@ -84,6 +100,7 @@ def predict(checkpoint: str, images, geometry: str) -> list[np.ndarray]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
+    p.add_argument("--set", choices=sorted(SETS), default="nuclei")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--modes", nargs="+", default=["", "dataset", "nonzero", "fixed:0:235"],
                    help="intensity modes to train ('' = the plan's)")
@@ -91,7 +108,7 @@ def main() -> None:
     args = p.parse_args()
     from rayseg.train import train
 
-    data = write_splits(args.workdir)
+    data = write_splits(args.workdir, args.set)
     threshold, base = threshold_baseline(data["train"], data["held"])
     images, truths = [im for im, _ in data["held"]], [m for _, m in data["held"]]
     rows = [{"run": f"threshold > {threshold:g} (fitted on the training tiles)", "dice": {"-": round(base, 4)}}]
