@@ -54,7 +54,7 @@ class Fingerprint:
 
     images: int
     median_size: tuple[int, int]  # (height, width)
-    side_range: tuple[int, int]  # the 10th percentile of the shorter side, the 90th of the longer
+    side_range: tuple[int, int]  # the 10th and 90th percentiles of the images' longer sides
     channels: dict[int, int]  # channel count -> images
     dtypes: tuple[str, ...]
     value_range: tuple[float, float]  # the smallest and largest value over the whole set
@@ -104,7 +104,7 @@ def fold(summaries: list[dict], num_classes: int) -> Fingerprint:
     return Fingerprint(
         images=len(summaries),
         median_size=(int(np.median(hs)), int(np.median(ws))),
-        side_range=(int(_pct(np.minimum(hs, ws), 10)), int(_pct(np.maximum(hs, ws), 90))),
+        side_range=(int(_pct(np.maximum(hs, ws), 10)), int(_pct(np.maximum(hs, ws), 90))),
         channels=dict(sorted(channels.items())),
         dtypes=tuple(sorted({s["dtype"] for s in summaries})),
         value_range=(min(s["min"] for s in summaries), max(s["max"] for s in summaries)),

@@ -38,7 +38,7 @@ TRAIN_BYTES_PER_PIXEL = 6 * 1024
 MEMORY_SHARE = 0.5  # of a worker's memory, for the step: the rest holds the data, the model and the optimizer
 RARE_CLASS = 0.05  # a foreground class under this share of the pixels is rare: random crops often miss it
 FOREGROUND_SHARE = 1 / 3  # nnU-Net's oversampling: a third of the crops centred on a foreground pixel
-SIZE_SPREAD = 4.0  # sides varying more than this (90th longer over 10th shorter): photos of scenes, not one scale
+SIZE_SPREAD = 4.0  # longer sides varying more than this (90th percentile over 10th): photos of scenes, not one scale
 
 
 @dataclass(frozen=True)
@@ -134,12 +134,12 @@ def plan_batch_size(fp: Fingerprint, side: int, memory: float, device: str, work
 def plan_geometry(fp: Fingerprint) -> Choice:
     """Native scale (nnU-Net's crops, and a sliding window at inference) unless the image sizes vary so much that
     the images are scenes whose objects scale with the photo (torchvision's VOC-style whole-image resizing)."""
-    short, long = fp.side_range
-    spread = long / max(short, 1)
+    small, large = fp.side_range
+    spread = large / max(small, 1)
     if spread > SIZE_SPREAD:
-        return Choice("resize", f"image sides vary {spread:.1f}x (10th percentile {short}, 90th {long}): whole images "
-                                "resized to the input size, in training and at inference")
-    return Choice("native", f"image sides vary {spread:.1f}x at most: native-scale crops in training; at inference a "
+        return Choice("resize", f"images' longer sides vary {spread:.1f}x (10th percentile {small}, 90th {large}): whole "
+                                "images resized to the input size, in training and at inference")
+    return Choice("native", f"images' longer sides vary {spread:.1f}x: native-scale crops in training; at inference a "
                             "sliding window at native scale, smaller images padded, not stretched")
 
 

@@ -187,3 +187,10 @@ def test_a_zero_background_with_hot_pixels_keeps_percentiles():
         pairs.append((img, mask))
     plan, _ = plan_of(pairs)
     assert plan.intensity.value == "auto" and "hot pixels" in plan.intensity.reason
+
+
+def test_long_thin_images_of_one_size_stay_at_native_scale():
+    rng = np.random.default_rng(0)
+    pairs = [(rng.integers(0, 256, (60, 480, 1), dtype=np.uint8), np.ones((60, 480), np.uint8)) for _ in range(4)]
+    plan, _ = plan_of(pairs)
+    assert plan.geometry.value == "native" and "1.0x" in plan.geometry.reason  # an aspect ratio is not a spread of scales
