@@ -102,6 +102,7 @@ def main() -> None:
     p.add_argument("--workdir", required=True)
     p.add_argument("--set", choices=sorted(SETS), default="nuclei")
     p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0, help="train's --seed (initialisation, augmentation)")
     p.add_argument("--modes", nargs="+", default=["", "dataset", "nonzero", "fixed:0:235"],
                    help="intensity modes to train ('' = the plan's)")
     p.add_argument("--json")
@@ -116,7 +117,7 @@ def main() -> None:
         out = os.path.join(args.workdir, "run-" + (mode.replace(":", "_") or "plan"))
         t0 = time.time()
         summary = train(data=(os.path.join(args.workdir, "train"),), val_data=(os.path.join(args.workdir, "val"),), output=out,
-                        model="unet", num_classes=2, epochs=args.epochs, lr=3e-3, workers=1, seed=0, intensity=mode, quiet=True,
+                        model="unet", num_classes=2, epochs=args.epochs, lr=3e-3, workers=1, seed=args.seed, intensity=mode, quiet=True,
                         address="local")
         best = os.path.join(out, "best")
         plan = {k: v["value"] for k, v in summary["plan"].items()}
