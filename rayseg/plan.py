@@ -38,6 +38,8 @@ TRAIN_BYTES_PER_PIXEL = 6 * 1024
 MEMORY_SHARE = 0.5  # of a worker's memory, for the step: the rest holds the data, the model and the optimizer
 RARE_CLASS = 0.05  # a foreground class under this share of the pixels is rare: random crops often miss it
 FOREGROUND_SHARE = 1 / 3  # nnU-Net's oversampling: a third of the crops centred on a foreground pixel
+SHARED_SCALE = 0.25  # images whose 99.5th percentiles lie within this fraction of their median share one scale (slices
+# of one volume, one acquisition): a window per image would stretch the images with little signal
 SIZE_SPREAD = 4.0  # longer sides varying more than this (90th percentile over 10th): photos of scenes, not one scale
 
 
@@ -80,7 +82,8 @@ class Plan:
 
 
 def plan_intensity(fp: Fingerprint) -> Choice:
-    """nnU-Net's choice by modality, read from the values: CT's shared scale, MRI's zero background, else per image."""
+    """nnU-Net's choice by modality, read from the values: CT's units, MRI's zero background, a scale the images share
+    (the dataset's clip and z-score), else a window per image."""
     if not fp.deep():
         return Choice("auto", "8-bit images: value / 255, as photos always were")
     lo, hi = fp.value_range
@@ -90,6 +93,10 @@ def plan_intensity(fp: Fingerprint) -> Choice:
     if fp.zero_fraction >= ZERO_BACKGROUND and fp.tail <= HOT_TAIL:
         return Choice("nonzero", f"{fp.zero_fraction:.0%} of a median image is exactly 0 (a background outside the body, as "
                                  "in MRI) and the values have no physical unit: z-score over each image's non-zero pixels")
+    if fp.high_spread <= SHARED_SCALE:
+        return Choice("dataset", f"the images' 99.5th percentiles lie within {fp.high_spread:.0%} of each other (one "
+                                 "intensity scale, as slices of one volume share): the training set's 0.5..99.5 percentile "
+                                 "clip and z-score, which per-image windows would lose")
     why = "outliers far past the 99.5th percentile (hot pixels)" if fp.zero_fraction >= ZERO_BACKGROUND else "no zero background"
     # auto: for these deep images exactly percentile 1..99.8, and what cards recorded before there was a plan
     return Choice("auto", f"{'/'.join(fp.dtypes)} values without a physical unit, {why} (fluorescence-like; the 99.5th "

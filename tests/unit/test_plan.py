@@ -194,3 +194,14 @@ def test_long_thin_images_of_one_size_stay_at_native_scale():
     pairs = [(rng.integers(0, 256, (60, 480, 1), dtype=np.uint8), np.ones((60, 480), np.uint8)) for _ in range(4)]
     plan, _ = plan_of(pairs)
     assert plan.geometry.value == "native" and "1.0x" in plan.geometry.reason  # an aspect ratio is not a spread of scales
+
+
+def test_slices_of_one_volume_share_a_scale_and_get_the_datasets_zscore():
+    rng = np.random.default_rng(0)
+    pairs = []
+    for i in range(8):  # one acquisition: the same offset (~100, never 0) and brightness, objects varying by slice
+        mask = disc((48, 48), (24, 24), 6 + i).astype(np.uint8)
+        img = rng.normal(120, 8, (48, 48)) + mask * rng.normal(150, 10, (48, 48))
+        pairs.append((img.astype(np.uint16)[..., None], mask))
+    plan, _ = plan_of(pairs)
+    assert plan.fingerprint.high_spread < 0.25 and plan.intensity.value == "dataset" and "one intensity scale" in plan.intensity.reason
