@@ -17,7 +17,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from rayseg.fingerprint import Fingerprint
 
@@ -59,7 +59,7 @@ class Plan:
     oversample: Choice
     fingerprint: Fingerprint | None = field(default=None, compare=False)
 
-    NAMES = ("intensity", "input_size", "batch_size", "geometry", "oversample")
+    NAMES: ClassVar[tuple[str, ...]] = ("intensity", "input_size", "batch_size", "geometry", "oversample")
 
     def values(self) -> dict:
         return {n: getattr(self, n).value for n in self.NAMES}
