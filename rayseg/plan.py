@@ -82,8 +82,9 @@ class Plan:
 
 
 def plan_intensity(fp: Fingerprint) -> Choice:
-    """nnU-Net's choice by modality, read from the values: CT's units, MRI's zero background, a scale the images share
-    (the dataset's clip and z-score), else a window per image."""
+    """nnU-Net's choice by modality, read from the values: CT's units and a scale the images share get the dataset's
+    clip and z-score, anything else a z-score per image (over the non-zero pixels: MRI's background stays 0); hot
+    pixels, which a z-score follows, a percentile window per image (csbdeep's and stardist's reason for it)."""
     if not fp.deep():
         return Choice("auto", "8-bit images: value / 255, as photos always were")
     lo, hi = fp.value_range
@@ -97,10 +98,13 @@ def plan_intensity(fp: Fingerprint) -> Choice:
         return Choice("dataset", f"the images' 99.5th percentiles lie within {fp.high_spread:.0%} of each other (one "
                                  "intensity scale, as slices of one volume share): the training set's 0.5..99.5 percentile "
                                  "clip and z-score, which per-image windows would lose")
-    why = "outliers far past the 99.5th percentile (hot pixels)" if fp.zero_fraction >= ZERO_BACKGROUND else "no zero background"
-    # auto: for these deep images exactly percentile 1..99.8, and what cards recorded before there was a plan
-    return Choice("auto", f"{'/'.join(fp.dtypes)} values without a physical unit, {why} (fluorescence-like; the 99.5th "
-                          f"percentile moves {fp.high_spread:.0%} between images): per-image 1..99.8 percentiles")
+    if fp.tail > HOT_TAIL:
+        # auto: for these deep images exactly percentile 1..99.8, and what cards recorded before there was a plan
+        return Choice("auto", f"outliers far past the 99.5th percentile (hot pixels), which a z-score would follow: "
+                              "per-image 1..99.8 percentiles")
+    return Choice("nonzero", f"{'/'.join(fp.dtypes)} values without a physical unit, brightness varying by image (the 99.5th "
+                             f"percentile moves {fp.high_spread:.0%}; fluorescence-like), no hot pixels: nnU-Net's z-score "
+                             "per image (over its non-zero pixels: all of them without a zero background)")
 
 
 def _round_up(n: float, multiple: int = MULTIPLE) -> int:

@@ -100,10 +100,20 @@ def test_mri_like_data_gets_a_zscore_over_each_images_nonzero_region():
     assert plan.fingerprint.zero_fraction > 0.4 and "exactly 0" in plan.intensity.reason
 
 
-def test_fluorescence_like_data_gets_per_image_percentiles():
+def test_fluorescence_like_data_gets_a_zscore_per_image():
     plan, _ = plan_of(fluorescence_images())
-    assert plan.intensity.value == "auto" and "per-image 1..99.8 percentiles" in plan.intensity.reason  # auto's rule for deep images
+    assert plan.intensity.value == "nonzero" and "z-score per image" in plan.intensity.reason
     assert plan.fingerprint.zero_fraction == 0 and plan.fingerprint.high_spread > 0.5  # brightness moves by image
+
+
+def test_fluorescence_with_hot_pixels_gets_per_image_percentiles():
+    pairs = []
+    for img, mask in fluorescence_images():
+        img = img.copy()
+        img.reshape(-1)[::500] = 65535  # 0.2% hot pixels: a z-score would follow them, a 1..99.8 window does not
+        pairs.append((img, mask))
+    plan, _ = plan_of(pairs)
+    assert plan.intensity.value == "auto" and "per-image 1..99.8 percentiles" in plan.intensity.reason  # auto's rule for deep images
 
 
 def test_8bit_photos_keep_the_8bit_rule():
