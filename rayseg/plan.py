@@ -40,6 +40,7 @@ RARE_CLASS = 0.05  # a foreground class under this share of the pixels is rare: 
 FOREGROUND_SHARE = 1 / 3  # nnU-Net's oversampling: a third of the crops centred on a foreground pixel
 SHARED_SCALE = 0.25  # images whose 99.5th percentiles lie within this fraction of their median share one scale (slices
 # of one volume, one acquisition): a window per image would stretch the images with little signal
+MIN_SPREAD_IMAGES = 4  # fewer images say nothing about how brightness varies between images
 SIZE_SPREAD = 4.0  # longer sides varying more than this (90th percentile over 10th): photos of scenes, not one scale
 
 
@@ -94,7 +95,7 @@ def plan_intensity(fp: Fingerprint) -> Choice:
     if fp.zero_fraction >= ZERO_BACKGROUND and fp.tail <= HOT_TAIL:
         return Choice("nonzero", f"{fp.zero_fraction:.0%} of a median image is exactly 0 (a background outside the body, as "
                                  "in MRI) and the values have no physical unit: z-score over each image's non-zero pixels")
-    if fp.high_spread <= SHARED_SCALE:
+    if fp.high_spread <= SHARED_SCALE and fp.images >= MIN_SPREAD_IMAGES:
         return Choice("dataset", f"the images' 99.5th percentiles lie within {fp.high_spread:.0%} of each other (one "
                                  "intensity scale, as slices of one volume share): the training set's 0.5..99.5 percentile "
                                  "clip and z-score, which per-image windows would lose")

@@ -215,3 +215,20 @@ def test_slices_of_one_volume_share_a_scale_and_get_the_datasets_zscore():
         pairs.append((img.astype(np.uint16)[..., None], mask))
     plan, _ = plan_of(pairs)
     assert plan.fingerprint.high_spread < 0.25 and plan.intensity.value == "dataset" and "one intensity scale" in plan.intensity.reason
+
+
+def test_a_real_ct_slice_in_hounsfield_units_gets_the_datasets_zscore():
+    """pydicom's CT_small.dcm (pydicom: MIT licence; in the examples extra), in Hounsfield units, cut in quadrants."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    hu = (ct.pixel_array * float(ct.RescaleSlope) + float(ct.RescaleIntercept)).astype(np.int16)
+    quads = [hu[y : y + 64, x : x + 64] for y in (0, 64) for x in (0, 64)]
+    plan, _ = plan_of([(q[..., None], (q > 0).astype(np.uint8)) for q in quads])
+    assert plan.fingerprint.value_range[0] <= -500 and plan.intensity.value == "dataset" and "Hounsfield" in plan.intensity.reason
+
+
+def test_too_few_images_say_nothing_of_a_shared_scale():
+    plan, _ = plan_of(fluorescence_images(n=6)[:1] * 3)  # three copies of one image: no spread, but no evidence either
+    assert plan.fingerprint.high_spread == 0 and plan.intensity.value == "nonzero"
