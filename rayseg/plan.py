@@ -31,9 +31,10 @@ MULTIPLE = 16  # input sides are multiples of this: twice the UNet's total strid
 MIN_INPUT, MAX_INPUT = 32, 512  # past 512 a crop already holds far more context than these models use
 MIN_BATCH = 2  # nnU-Net's floor: batch norm needs more than one image
 MAX_BATCH = {"cpu": 8, "gpu": 64}  # on a CPU a larger batch only makes each step longer; 8 is train's earlier default
-# bytes of training memory per input pixel: twice what autograd saves for the forward pass (measured, one grey
-# channel, 3 classes: 1.76 KB for unet, 1.71 KB for lraspp_mobilenet_v3_large, 2.77 KB for
-# deeplabv3_mobilenet_v3_large), since the backward pass holds their gradients beside them
+# bytes of training memory per input pixel: twice the most that autograd was measured to save for a forward pass
+# (one grey channel, 3 classes: 1.76 KB for unet, 1.71 KB for lraspp_mobilenet_v3_large, 2.77 KB for
+# deeplabv3_mobilenet_v3_large), rounded up, since the backward pass holds their gradients beside them; the resnet50
+# models were not measured and need more
 TRAIN_BYTES_PER_PIXEL = 6 * 1024
 MEMORY_SHARE = 0.5  # of a worker's memory, for the step: the rest holds the data, the model and the optimizer
 RARE_CLASS = 0.05  # a foreground class under this share of the pixels is rare: random crops often miss it
