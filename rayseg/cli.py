@@ -16,9 +16,9 @@ import sys
 from rayseg.errors import EnvError, UserError
 
 # command -> the module that registers it, in --help order
-COMMANDS = {"segment": "segment", "synth": "synth", "train": "train", "evaluate": "evaluate", "demo": "demo",
+COMMANDS = {"segment": "segment", "synth": "synth", "train": "train", "plan": "plan", "evaluate": "evaluate", "demo": "demo",
             "nightly": "nightly", "report": "report", "bench": "bench", "doctor": "doctor", "export": "export"}
-RAY_COMMANDS = {"segment", "train", "evaluate", "demo", "nightly", "bench"}  # the ones that start or join Ray
+RAY_COMMANDS = {"segment", "train", "plan", "evaluate", "demo", "nightly", "bench"}  # the ones that start or join Ray
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -127,7 +127,7 @@ OPTIONS: dict[str, Option] = {
     "to": Option(str, "onnx", "export format", meta={"choices": ("onnx", "pt2")}, rows=SAME),
     "with_mask": Option(bool, False, "export: also output the argmax mask and the top probability, beside the logits", rows=SAME),
     "checkpoint": Option(str | None, None, "rayseg checkpoint directory URL (overrides --model/--num-classes)", rows=BY_MODEL),
-    "input_size": Option(int | None, None, "side of the square model input (default: checkpoint's, else 256)", _at_least(16), rows=KEYED),
+    "input_size": Option(int | None, None, "side of the square model input", _at_least(16), {"auto": "the checkpoint's, else 256"}, rows=KEYED),
     # read
     "h5_key": Option(str, "images", "HDF5 dataset holding the images", rows=KEYED),
     "image_column": Option(str, "image", "Parquet column holding encoded image bytes", rows=KEYED),
@@ -146,8 +146,11 @@ OPTIONS: dict[str, Option] = {
     "overlap": Option(float, 0.25, "fraction of a tile shared with its neighbours", _overlap, rows=KEYED),
     "tta": Option(str, "none", "test-time augmentation: none or flip", meta={"choices": ("none", "flip")}, rows=KEYED),
     "compile": Option(bool, False, "torch.compile the model", rows=SAME),
-    "intensity": Option(str, "", "intensity normalisation: auto, percentile[:LO:HI], dataset, fixed:LO:HI or none "
-                                 "(rayseg.intensity); default: the checkpoint's, and in train auto", _intensity, rows=KEYED),
+    "intensity": Option(str, "", "intensity normalisation: auto, percentile[:LO:HI], dataset, nonzero, fixed:LO:HI or none "
+                                 "(rayseg.intensity); default: the checkpoint's, and in train the plan's", _intensity, rows=KEYED),
+    "geometry": Option(str, "", "native: images at native scale (crops in training; a sliding window, smaller images padded); "
+                                "resize: whole images resized to the input; default: the checkpoint's, in train the plan's",
+                       meta={"choices": ("native", "resize")}, rows=KEYED),
     # output
     "inputs": Option(tuple[str, ...], (), "input paths, globs or URLs (any fsspec protocol)",
                      meta={"positional": True, "optional": True}, rows=SAME),  # optional: a --config YAML may give them
@@ -172,6 +175,7 @@ OPTIONS: dict[str, Option] = {
     "workers": Option(int, 2, "Ray Train workers (DDP ranks)", _at_least(1)),
     "use_gpu": Option(bool, False, "one GPU per worker (NCCL, bf16 autocast)"),
     "seed": Option(int, 0, "random seed (model initialisation, augmentations, samples); the same seed gives the same result"),
+    "oversample": Option(float | None, None, "share of training crops centred on a foreground pixel", _between(0, 1, "between 0 and 1")),
     "in_channels": Option(int | None, None, "input channels of the model (train: default the training images', grey and RGB "
                                             "mixed: 3; a model file that does not record it: 3)",
                           _at_least(1), rows=KEYED),
@@ -224,7 +228,7 @@ POOL = ("actors", "threads", "cpus_per_gpu")
 MODEL = ("model", "num_classes", "weights", "checkpoint", "input_size", "in_channels", "class_names", "mean", "std", "trust_model_code")
 READ = ("h5_key", "image_column", "max_pixels")
 LABELLED = ("data", "h5_key", "mask_key", "mask_mode", "max_pixels")
-PREDICT = ("batch_size", "device", "precision", "tile", "overlap", "tta", "compile", "intensity")
+PREDICT = ("batch_size", "device", "precision", "tile", "overlap", "tta", "compile", "intensity", "geometry")
 OUTPUT = ("output", "mask_format", "objects", "min_area", "overwrite")
 
 
@@ -236,10 +240,12 @@ def _check_options(cfg) -> None:
 
 
 def compose(name: str, *groups: tuple[str, ...], defaults: dict | None = None, hidden: tuple[str, ...] = (),
-            positional: tuple[str, ...] = (), check: Callable[[Any], None] | None = None, doc: str = "") -> type:
+            positional: tuple[str, ...] = (), check: Callable[[Any], None] | None = None, doc: str = "",
+            auto: dict | None = None) -> type:
     """A frozen dataclass with the options of `groups` in order (a name repeated keeps its first place).
 
-    `defaults` replaces an option's default for this command; `hidden` options keep their field but get no flag;
+    `defaults` replaces an option's default for this command, `auto` what its help says a default of None means;
+    `hidden` options keep their field but get no flag;
     `positional` ones are this command's positional argument.
     `check(cfg)` (what ties options together, or a command's narrower rule) runs, then every option's own check.
     """
@@ -248,6 +254,7 @@ def compose(name: str, *groups: tuple[str, ...], defaults: dict | None = None, h
     fields = []
     for n in names:
         extra = {"cli": False} if n in hidden else {"positional": True} if n in positional else {}
+        extra.update({"auto": auto[n]} if n in (auto or {}) else {})
         fields.append((n, OPTIONS[n].type, OPTIONS[n].field(defaults.get(n, MISSING), **extra)))
 
     def __post_init__(self):
@@ -310,12 +317,15 @@ EvalConfig = compose("EvalConfig", MODEL, LABELLED, ("json",), PREDICT, POOL, ST
                      defaults={"batch_size": 16}, check=_check_evaluate, doc="`rayseg evaluate`: a checkpoint scored on labelled data.")
 
 
-def _check_train(cfg) -> None:
-    _require("--data", cfg.data, "--data is required: labelled training data")
-    _require("--val-data", cfg.val_data, "--val-data is required: labelled validation data (the best checkpoint is picked on it)")
-    _require("--output", cfg.output, "--output is required")
+def _check_train(cfg, plan: bool = False) -> None:
+    """train's options; with `plan`, those `rayseg plan` takes too (the training DATA and the classes)."""
+    _require("--data", cfg.data, "give the labelled training DATA" if plan else "--data is required: labelled training data")
     if not 2 <= cfg.num_classes <= 255:
         raise UserError("--num-classes must be between 2 and 255")
+    if plan:
+        return
+    _require("--val-data", cfg.val_data, "--val-data is required: labelled validation data (the best checkpoint is picked on it)")
+    _require("--output", cfg.output, "--output is required")
     if cfg.class_names and len(cfg.class_names) != cfg.num_classes:
         raise UserError(f"--class-names gives {len(cfg.class_names)} names for --num-classes {cfg.num_classes}")
     if cfg.loss == "bce_dice" and cfg.num_classes != 2:
@@ -324,11 +334,19 @@ def _check_train(cfg) -> None:
         raise UserError("--lr must be positive")
 
 
+PLANNED = {n: "planned from the training set: see rayseg plan" for n in ("input_size", "batch_size", "oversample")}
 TrainConfig = compose("TrainConfig", LABELLED, ("val_data", "output", "model", "num_classes", "class_names", "input_size", "epochs",
                                                 "batch_size", "lr", "weight_decay", "loss", "workers", "use_gpu", "seed",
-                                                "max_failures", "keep_checkpoints", "intensity", "in_channels"), STORAGE, CLUSTER,
-                      defaults={"model": "unet", "input_size": 256, "batch_size": 8}, check=_check_train,
-                      doc="`rayseg train`: labelled data, model, schedule, workers.")
+                                                "max_failures", "keep_checkpoints", "intensity", "geometry", "oversample",
+                                                "in_channels"), STORAGE, CLUSTER,
+                      defaults={"model": "unet"}, auto=PLANNED, check=_check_train,
+                      doc="`rayseg train`: labelled data, model, schedule, workers; None or '' where the plan chooses.")
+
+
+PlanConfig = compose("PlanConfig", LABELLED, ("model", "num_classes", "input_size", "batch_size", "intensity", "geometry",
+                                              "oversample", "workers", "use_gpu", "json"), STORAGE, CLUSTER,
+                     defaults={"model": "unet"}, auto=PLANNED, positional=("data",), check=lambda cfg: _check_train(cfg, plan=True),
+                     doc="`rayseg plan`: the training data and the options `rayseg train` would be given.")
 
 
 def _check_bench(cfg) -> None:
@@ -376,7 +394,7 @@ ExportConfig = compose("ExportConfig", ("checkpoint", "to", "output", "with_mask
 DoctorConfig = compose("DoctorConfig", ("gpu", "json", "workdir"), doc="`rayseg doctor`: what to check and where to write it.")
 
 COMMAND_CONFIGS = {"synth": SynthConfig, "segment": SegmentConfig, "nightly": NightlyConfig, "evaluate": EvalConfig, "train": TrainConfig,
-                   "bench": BenchConfig, "demo": DemoConfig, "report": ReportConfig, "doctor": DoctorConfig, "export": ExportConfig}
+                   "plan": PlanConfig, "bench": BenchConfig, "demo": DemoConfig, "report": ReportConfig, "doctor": DoctorConfig, "export": ExportConfig}
 
 
 def public_config(cfg) -> dict:

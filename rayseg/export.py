@@ -79,6 +79,13 @@ class Exported(nn.Module):
             return ((x - lo) * scale).clamp(0, 255)
         if mode == "dataset":  # folded as rayseg.intensity does: the standardisation below then gives (clip(x) - mu) / sd
             return ((torch.maximum(torch.minimum(x, self.hi), self.lo) - self.mu) / self.sd * (self.std / 255) + self.mean / 255) * 255
+        if mode == "nonzero":  # per image and channel, z-scored over its non-zero pixels; zeros stay zero
+            nz = (x != 0).to(x.dtype)
+            n = nz.sum((-2, -1), keepdim=True).clamp_min(1)
+            mu = (x * nz).sum((-2, -1), keepdim=True) / n
+            sd = ((x - mu).square() * nz).sum((-2, -1), keepdim=True).div(n).sqrt()
+            z = (x - mu) / torch.where(sd > 0, sd, torch.ones_like(sd)) * nz
+            return (z * (self.std / 255) + self.mean / 255) * 255
         return x  # 8-bit pixels (auto, none, legacy): already on the scale
 
     def forward(self, x: torch.Tensor):

@@ -84,13 +84,16 @@ class Prefetch:
 
 
 def augmented_batches(batches: Iterable[dict], inputs, size: int, rng: np.random.Generator, fill: tuple[float, ...],
-                      pin: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                      pin: torch.device | None = None, geometry: str = "resize",
+                      foreground: float = 0.0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images N,H,W,C, masks N,H,W) tensors of each batch of labelled rows (`image`, `dtype`, `target`), each pair
-    prepared by `inputs` (rayseg.intensity.Inputs) and augmented with `rng` in row order. With `pin` (a CUDA
-    device) the tensors are in pinned memory, ready for an asynchronous copy to it."""
+    prepared by `inputs` (rayseg.intensity.Inputs) and augmented with `rng` in row order (`geometry` and
+    `foreground`: rayseg.augment's). With `pin` (a CUDA device) the tensors are in pinned memory, ready for an
+    asynchronous copy to it."""
     if pin is not None:
         torch.cuda.set_device(pin)  # a new thread's current device is GPU 0, whose context this rank must not create
     for batch in batches:
-        pairs = [augment(inputs.one(im, dt), m, size, rng, fill=fill) for im, dt, m in zip(batch["image"], batch["dtype"], batch["target"])]
+        pairs = [augment(inputs.one(im, dt), m, size, rng, fill=fill, geometry=geometry, foreground=foreground)
+                 for im, dt, m in zip(batch["image"], batch["dtype"], batch["target"])]
         images, masks = (torch.from_numpy(np.stack([p[i] for p in pairs])) for i in (0, 1))
         yield (images.pin_memory(), masks.pin_memory()) if pin is not None else (images, masks)

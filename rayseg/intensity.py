@@ -10,6 +10,8 @@ overrides it, with a warning):
     dataset              nnU-Net's CT scheme: clip each channel to the training set's 0.5..99.5 percentiles, then
                          z-score with the training set's mean and std, all measured over the labelled foreground
                          pixels of the training set by `rayseg train` (a distributed pass, `measure`)
+    nonzero              nnU-Net's scheme for MRI and other data without physical units: per image and channel, a
+                         z-score over the non-zero pixels; pixels that are 0 (the background outside the body) stay 0
     fixed:LO:HI          a known window, e.g. CT soft tissue fixed:-160:240, maps to 0..1, clipped
     none                 values as they are, read as if on the 8-bit scale (for data already scaled that way)
 
@@ -20,7 +22,7 @@ Every mode maps an image onto the scale of an 8-bit image, 0..255, where the car
 times 255) then standardise it on the device, as they always have. An 8-bit image under auto, or an image under
 the record-less rule, stays uint8 all the way to the device (the fast path: a quarter of the bytes to copy);
 every other image leaves here as float32. `dataset` folds its z-score into that scale, so the device computes
-exactly (clip(x) - mean_dataset) / std_dataset.
+exactly (clip(x) - mean_dataset) / std_dataset, and `nonzero` its per-image z-score the same way.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from rayseg.errors import UserError
 
 log = logging.getLogger("rayseg")
 
-MODES = ("auto", "percentile", "dataset", "fixed", "none", "legacy")
+MODES = ("auto", "percentile", "dataset", "nonzero", "fixed", "none", "legacy")
 PERCENTILES = (1.0, 99.8)  # csbdeep/stardist's normalize() defaults
 DATASET_PERCENTILES = (0.5, 99.5)  # nnU-Net's CT normalisation
 EXACT_RANGE = 1 << 20  # integer data spanning at most this many values gets one histogram bin per value: exact percentiles
@@ -87,13 +89,13 @@ class Intensity:
 
 def parse(spec: str) -> Intensity:
     """--intensity text -> Intensity; UserError saying what is accepted."""
-    usage = "--intensity must be auto, percentile[:LO:HI], dataset, fixed:LO:HI or none"
+    usage = "--intensity must be auto, percentile[:LO:HI], dataset, nonzero, fixed:LO:HI or none"
     head, *nums = spec.strip().split(":")
     try:
         values = [float(v) for v in nums]
     except ValueError:
         raise UserError(f"{usage}; got {spec!r}") from None
-    if head in ("auto", "dataset", "none") and not values:
+    if head in ("auto", "dataset", "nonzero", "none") and not values:
         return Intensity(head, *(DATASET_PERCENTILES if head == "dataset" else ()))
     if head == "percentile" and len(values) in (0, 2):
         lo, hi = values or PERCENTILES
@@ -176,7 +178,7 @@ def warn_sparse_16bit(img: np.ndarray) -> None:
 
 def normalise(img: np.ndarray, norm: Intensity, mean: tuple[float, ...] = (), std: tuple[float, ...] = ()) -> np.ndarray:
     """One (H, W, C) image in its own dtype -> uint8 (fast path) or float32 on the 8-bit scale (module docstring).
-    `mean`/`std` (the card's, 0..1 units) are needed by `dataset` only."""
+    `mean`/`std` (the card's, 0..1 units) are needed by the z-scores (dataset, nonzero) only."""
     mode = norm.mode
     if mode == "legacy":
         from rayseg.decode import to_uint8
@@ -192,19 +194,32 @@ def normalise(img: np.ndarray, norm: Intensity, mean: tuple[float, ...] = (), st
         return _window_map(img, lo, hi)
     if mode == "fixed":
         return _window_map(img, np.float32(norm.low), np.float32(norm.high))
+    if mode == "nonzero":
+        return _folded(nonzero_zscore(img), img.shape[-1], mean, std)
     if mode == "dataset":
         if not norm.window:
             raise ValueError("dataset normalisation without measured statistics")
-        c = img.shape[-1]
-        if len(norm.window) != c:
+        if len(norm.window) != (c := img.shape[-1]):
             raise ValueError(f"dataset statistics are for {len(norm.window)} channel(s), the image has {c}")
         lo, hi = (np.array(v, np.float32) for v in zip(*norm.window))
         mu, sd = np.array(norm.mean, np.float32), np.array(norm.std, np.float32)
-        m, s = np.array(mean or (0.5,) * c, np.float32), np.array(std or (0.25,) * c, np.float32)
-        # the device computes (y / 255 - m) / s; y = ((clip(x) - mu) / sd * s + m) * 255 makes that (clip(x) - mu) / sd
-        x = np.clip(img.astype(np.float32), lo, hi)
-        return ((x - mu) / np.where(sd > 0, sd, 1) * s + m) * 255
+        return _folded((np.clip(img.astype(np.float32), lo, hi) - mu) / np.where(sd > 0, sd, 1), c, mean, std)
     raise ValueError(f"unknown intensity mode {mode!r}")
+
+
+def _folded(z: np.ndarray, c: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """A z-scored image onto the 8-bit scale: the device computes (y / 255 - m) / s, which y = (z * s + m) * 255 makes z."""
+    m, s = np.array(mean or (0.5,) * c, np.float32), np.array(std or (0.25,) * c, np.float32)
+    return (z * s + m) * 255
+
+
+def nonzero_zscore(img: np.ndarray) -> np.ndarray:
+    """Per channel, (x - mean) / std over the pixels that are not 0; pixels that are 0 stay 0 (float32)."""
+    x, nz = img.astype(np.float32), img != 0
+    n = np.maximum(nz.sum((0, 1)), 1)
+    mu = (x * nz).sum((0, 1), dtype=np.float64) / n
+    sd = np.sqrt((np.square(x - mu) * nz).sum((0, 1), dtype=np.float64) / n)
+    return np.where(nz, (x - mu) / np.where(sd > 0, sd, 1), 0).astype(np.float32)
 
 
 def fit_channels(img: np.ndarray, channels: int) -> np.ndarray:
@@ -300,7 +315,8 @@ def partial_stats(batch: dict[str, np.ndarray], sums: bool = False, histogram: t
     return out
 
 
-def _combine(rows: list[dict]) -> dict:
+def combine_stats(rows: list[dict]) -> dict:
+    """partial_stats' rows (one per batch) -> the training set's totals."""
     channels: dict[int, int] = {}
     kinds: set[str] = set()
     for r in rows:
@@ -333,20 +349,21 @@ def hist_percentile(hist: np.ndarray, q: float, lo: float, width: float, integer
     return v0 + (v1 - v0) * (pos - below)
 
 
-def measure(rows_of, spec: Intensity) -> tuple[dict, Intensity]:
+def measure(rows_of, spec: Intensity, first: dict | None = None) -> tuple[dict, Intensity]:
     """The training set's channel counts and dtypes and, for `dataset`, its statistics.
 
     `rows_of(fn, kwargs)` runs `partial_stats` over every batch and returns the rows: a Ray Dataset's map_batches
     in `rayseg train`, a plain loop in one process; the sums are combined the same way in both. Integer data
     spanning at most EXACT_RANGE values gets exact percentiles (numpy's linear rule); float data 65,536 bins.
+    `first`: the totals of a pass already made with sums (rayseg.fingerprint's), which this one then skips.
     """
-    first = _combine(rows_of(partial_stats, {"sums": spec.mode == "dataset"}))
+    first = first if first is not None else combine_stats(rows_of(partial_stats, {"sums": spec.mode == "dataset"}))
     if spec.mode != "dataset" or len(first["channels"]) != 1 or not int(first.get("count", 0)):
         return first, spec
     lo, hi = float(first["min"].min()), float(first["max"].max())
     integer = all(np.dtype(k).kind in "biu" for k in first["dtypes"]) and hi - lo + 1 <= EXACT_RANGE
     bins = int(hi - lo + 1) if integer else FLOAT_BINS
-    hist = _combine(rows_of(partial_stats, {"histogram": (lo, hi, bins, integer)}))["hist"]
+    hist = combine_stats(rows_of(partial_stats, {"histogram": (lo, hi, bins, integer)}))["hist"]
     width = 1.0 if integer else max(hi - lo, 1e-30) / bins
     n, s, ss = first["count"].item(), first["sum"], first["sumsq"]
     mean = s / n

@@ -162,6 +162,8 @@ class ModelCard:
     intensity: dict | None = None  # rayseg.intensity's record; None: a card from before it was kept (16-bit / 257)
     size_divisor: int = 1  # the predictor pads each input to a multiple of this (a model's total stride)
     input_dtypes: tuple[str, ...] = ()  # only these image dtypes (an exported graph for 8-bit pixels); () = any
+    geometry: str = ""  # native or resize (rayseg.plan); "" = a card from before it was kept: resize up to 2x the input
+    plan: dict | None = None  # the training plan, its reasons and the fingerprint it was made from (rayseg.plan)
 
     def pixel_mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalisation in 0..255 units, shaped (1, C, 1, 1): (x - mean) / std of a uint8 image as float."""
@@ -180,7 +182,7 @@ class ModelCard:
 
     def to_json(self) -> dict:
         d = {**self.__dict__, "class_names": self.names(), "mean": list(self.mean), "std": list(self.std), "trained_on": list(self.trained_on)}
-        for k, default in (("size_divisor", 1), ("input_dtypes", ())):  # written only when set: old cards' bytes (and digests) stay
+        for k, default in (("size_divisor", 1), ("input_dtypes", ()), ("geometry", ""), ("plan", None)):  # written only when set: old cards' bytes (and digests) stay
             if d[k] == default:
                 del d[k]
             elif k == "input_dtypes":

@@ -1,9 +1,9 @@
 """The predictor: one model per actor, uint8 batches in, masks and confidences out.
 
-Everything after the host->device copy happens on the device: normalisation, resizing to the model input,
-the forward pass (bf16 autocast on GPU), resizing logits back to each image's size, softmax, argmax, at most
-`batch_size` images at a time. Images much larger than the model input are segmented at full resolution by a
-sliding window (rayseg.tiling) whose logits come back in bands of rows, so device memory is bounded by the tile
+Everything after the host->device copy happens on the device: normalisation, resizing to the model input (or, for
+a model trained at native scale, the card's `geometry`, padding to it), the forward pass (bf16 autocast on GPU),
+resizing logits back to each image's size, softmax, argmax, at most `batch_size` images at a time. Images much
+larger than the model input (at native scale: any larger) are segmented at full resolution by a sliding window (rayseg.tiling) whose logits come back in bands of rows, so device memory is bounded by the tile
 batch, not the image, and the full-size result is a uint8 mask on the host.
 """
 
@@ -102,6 +102,9 @@ class Predictor:
         self.card = bundle.card
         self.inputs = Inputs(bundle.card, getattr(opts, "intensity", ""))  # dtype, channels and normalisation, per the card
         self.size = bundle.card.input_size
+        # native: the model sees images at the scale it was trained at (rayseg.plan); resize, or a card recording
+        # neither (written before geometry was kept): whole images resized to the input, tiled past twice its size
+        self.geometry = getattr(opts, "geometry", "") or bundle.card.geometry or "resize"
         self.model = bundle.runner(self.device, opts.compile, threads)  # rayseg.adapters: the model behind its adapter
         self.divisor = max(1, bundle.card.size_divisor)
         self.mean, self.std = bundle.card.pixel_mean_std(self.device)
@@ -168,9 +171,39 @@ class Predictor:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def needs_tiling(self, h: int, w: int) -> bool:
+        if self.geometry == "native":
+            return h > self.size or w > self.size or bool(self.opts.tile and (h > self.opts.tile or w > self.opts.tile))
         if self.opts.tile:
             return h > self.opts.tile or w > self.opts.tile
         return h > 2 * self.size or w > 2 * self.size
+
+    def route(self, h: int, w: int) -> str:
+        """How an image of h x w reaches the model: "tile" (sliding window at native scale), "pad" (native scale,
+        padded to the input size), "stack" (already the input size) or "resize" (resized to the input size)."""
+        if self.needs_tiling(h, w):
+            return "tile"
+        if (h, w) == (self.size, self.size):
+            return "stack"
+        return "pad" if self.geometry == "native" else "resize"
+
+    @torch.inference_mode()
+    def padded(self, imgs: list[np.ndarray]) -> list[Segmented]:
+        """Images no larger than the model input, at native scale: each padded to the input size with the card's
+        mean (zero once standardised, as training pads), one stack through the model, each result cropped back."""
+        s = self.size
+        xs = []
+        for img in imgs:
+            x = self.model_input(img)
+            canvas = self.mean.expand(1, -1, s, s).clone()
+            canvas[..., : x.shape[-2], : x.shape[-1]] = x
+            xs.append(canvas)
+        mask, conf = mask_and_confidence(self.logits(torch.cat(xs)))
+        out = []
+        for j, img in enumerate(imgs):
+            h, w = img.shape[:2]
+            c = conf[j, :h, :w]
+            out.append((mask[j, :h, :w].cpu().numpy(), c.mean().item(), self._confidence_map(c)))
+        return out
 
     @torch.inference_mode()
     def resized_logits(self, imgs: list[np.ndarray]) -> list[torch.Tensor]:
@@ -188,6 +221,11 @@ class Predictor:
             res.append((lg if (h, w) == (s, s) else F.interpolate(lg, size=(h, w), mode="bilinear", align_corners=False))[0])
         return res
 
+    def tile_side(self) -> int:
+        """--tile, else the input size: at native scale a tile larger than the input would show the model more
+        context than it was trained on; --tile still wins."""
+        return self.opts.tile or self.size
+
     def _tiles(self, img: np.ndarray) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """The image as a CHW view on the host, and the forward pass of a batch of its tiles: only tiles go to the device."""
         return torch.from_numpy(img).permute(2, 0, 1), lambda tiles: self.logits(self.model_input(tiles.permute(0, 2, 3, 1)))
@@ -196,14 +234,15 @@ class Predictor:
     def tiled_logits(self, img: np.ndarray) -> torch.Tensor:
         """Sliding window at full resolution over one image: all its logits at once (the predictor itself takes bands)."""
         x, forward = self._tiles(img)
-        return sliding_window(x, self.opts.tile or self.size, self.opts.overlap, forward, self.batch_size)
+        return sliding_window(x, self.tile_side(), self.opts.overlap, forward, self.batch_size)
 
     # -- the three ways through: each gives masks and confidences per image ----------------------
     def groups(self, images: np.ndarray, errors: list[str | None]) -> tuple[list[int], list[int], list[int]]:
-        """Rows to stack as they are, to resize to the model input, and to tile (error rows are in none).
+        """Rows to stack as they are, to resize (or, at native scale, pad) to the model input, and to tile (error
+        rows are in none).
 
         Images at the model's size are stacked only when every untiled image is; one of another size sends them
-        all through the resize path, which still runs them as one forward pass."""
+        all through the resize (or pad) path, which still runs them as one forward pass."""
         whole, tiled = [], []
         for i, e in enumerate(errors):
             if e is None:
@@ -232,7 +271,7 @@ class Predictor:
         confmap = np.empty((h, w), np.uint8) if self.confidence_map else None
         total = 0.0
         x, forward = self._tiles(img)
-        for y0, y1, lg in blended_bands(x, self.opts.tile or self.size, self.opts.overlap, forward, self.batch_size):
+        for y0, y1, lg in blended_bands(x, self.tile_side(), self.opts.overlap, forward, self.batch_size):
             m, c = mask_and_confidence(lg)
             mask[y0:y1] = m.cpu().numpy()
             total += c.sum(dtype=torch.float64).item()
@@ -312,7 +351,8 @@ class Predictor:
             if stack:
                 results.update(zip(stack, self.in_chunks(self.stacked, [images[i] for i in stack], [ids[i] for i in stack])))
             if resize:
-                results.update(zip(resize, self.in_chunks(self.resized, [images[i] for i in resize], [ids[i] for i in resize])))
+                step = self.padded if self.geometry == "native" else self.resized
+                results.update(zip(resize, self.in_chunks(step, [images[i] for i in resize], [ids[i] for i in resize])))
             for i in tile:  # one image at a time, its tiles batch_size at a time
                 results.update(zip([i], self.in_chunks(self._tiled_one, [images[i]], [ids[i]])))
         for i, r in list(results.items()):

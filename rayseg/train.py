@@ -3,7 +3,9 @@
     rayseg train --data data/train --val-data data/val --model unet --num-classes 3 --output runs/shapes
     rayseg train --data s3://b/train/ --val-data s3://b/val/ --workers 8 --use-gpu --output s3://b/runs/x
 
-Each epoch: augment (random scale, crop/pad, flips) on a thread of its own (rayseg.feed), cross-entropy + Dice,
+First a plan from the training set's fingerprint (rayseg.plan: intensity, input and batch size, geometry,
+foreground oversampling; an option given wins), printed and recorded in the card. Each epoch: augment (random
+scale, crop/pad, flips) on a thread of its own (rayseg.feed), cross-entropy + Dice,
 step; then validate exactly as `rayseg segment` predicts (the same Predictor) and `ray.train.report` the metrics
 with a checkpoint: OUTPUT/run/epoch-NNNN/ holds model.pt + model.json (a rayseg checkpoint) and train_state.pt.
 The best checkpoint by validation mIoU is then copied to OUTPUT/best/, and OUTPUT/train_summary.json written.
@@ -18,10 +20,8 @@ import json
 import logging
 import math
 import os
-import socket
 import tempfile
 import time
-import zlib
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -33,6 +33,7 @@ from rayseg.config import TrainConfig, public_config
 from rayseg.errors import UserError
 from rayseg.feed import Prefetch, augmented_batches
 from rayseg.metrics import ConfusionMatrix, nan_to_none
+from rayseg.ranks import SYNC_BN_BELOW, all_mean, is_mine, wants_sync_batchnorm, where_ranks_run  # noqa: F401 (tests import them here)
 from rayseg.intensity import Inputs
 from rayseg.loss import criterion, warmup_cosine
 from rayseg.models import CARD_FILE, WEIGHTS_FILE, ModelCard, default_mean_std
@@ -40,21 +41,6 @@ from rayseg.models import CARD_FILE, WEIGHTS_FILE, ModelCard, default_mean_std
 log = logging.getLogger("rayseg")
 
 RUN_NAME, BEST_DIR, SUMMARY_FILE, STATE_FILE = "run", "best", "train_summary.json", "train_state.pt"
-SYNC_BN_BELOW = 16  # images per GPU under which per-GPU batch norm statistics are too noisy (SyncBatchNorm's use case)
-
-
-# ---- plain functions, tested without Ray (augmentation: rayseg.augment, loss: rayseg.loss) -----------------
-
-
-def is_mine(image_id: str, rank: int, world: int) -> bool:
-    """Validation rows are dealt to ranks by a hash of their id: every row exactly once, whatever the order."""
-    return zlib.crc32(str(image_id).encode()) % world == rank
-
-
-def wants_sync_batchnorm(device_type: str, world: int, batch_size: int) -> bool:
-    """Batch norm statistics over all ranks' batches, where each GPU's batch alone is too small to estimate them.
-    Never on CPU: SyncBatchNorm runs only on CUDA (NCCL), not on gloo."""
-    return device_type == "cuda" and world > 1 and batch_size < SYNC_BN_BELOW
 
 
 # ---- the Ray Train worker loop ------------------------------------------------------------------------
@@ -93,32 +79,6 @@ def build_training(cfg: TrainConfig, train_rows: int, world: int, device: torch.
     return model, optimizer, scheduler, state
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_mean(total: torch.Tensor, count: int) -> float:
-    """sum(total) / sum(count) over all ranks; `total` stays on its device (NCCL reduces only GPU tensors)."""
-    t = torch.stack([total.double(), torch.tensor(float(count), dtype=torch.float64, device=total.device)])
-    if _distributed():
-        torch.distributed.all_reduce(t)
-    return float(t[0] / t[1].clamp_min(1))
-
-
-def where_ranks_run(rank: int) -> list[dict]:
-    """{rank, node_id, hostname} of every rank, gathered from all of them (the same list on each)."""
-    import ray
-
-    mine = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
-    if not _distributed():
-        return [mine]
-    every: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(every, mine)
-    return sorted(every, key=lambda r: r["rank"])
-
-
 def train_one_epoch(model: torch.nn.Module, optimizer, scheduler, shard, cfg: TrainConfig, epoch: int, rank: int,
                     device: torch.device, card: ModelCard) -> float:
     """One pass over this rank's shard of the training data; returns the mean loss over all ranks. Images are
@@ -131,7 +91,8 @@ def train_one_epoch(model: torch.nn.Module, optimizer, scheduler, shard, cfg: Tr
     rows = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=1,
                               local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed * 100_003 + epoch)
     rng = np.random.default_rng([cfg.seed, rank, epoch])  # a resumed epoch sees the same augmentations
-    batches = augmented_batches(rows, Inputs(card), cfg.input_size, rng, card.mean, pin=device if device.type == "cuda" else None)
+    batches = augmented_batches(rows, Inputs(card), cfg.input_size, rng, card.mean, pin=device if device.type == "cuda" else None,
+                                geometry=card.geometry or "resize", foreground=cfg.oversample or 0.0)
     with Prefetch(batches) as ahead:
         for images, masks in ahead:
             x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
@@ -146,7 +107,7 @@ def train_one_epoch(model: torch.nn.Module, optimizer, scheduler, shard, cfg: Tr
             scheduler.step()
             loss_sum += loss.detach() * len(y)
             seen += len(y)
-    return _all_mean(loss_sum, seen)
+    return all_mean(loss_sum, seen)
 
 
 def validate(model: torch.nn.Module, card: ModelCard, val_iter, batch_size: int, rank: int, world: int) -> ConfusionMatrix:
@@ -210,7 +171,8 @@ def train_loop(loop: dict) -> None:
     model, optimizer, scheduler, state = build_training(cfg, loop["train_rows"], world, device, channels)
     state["ranks"] = where_ranks_run(rank)  # this start's placement: where a resumed run ran last
     card = ModelCard(cfg.model, cfg.num_classes, tuple(cfg.class_names), cfg.input_size, *default_mean_std(channels),
-                     tuple(loop["trained_on"]), in_channels=channels, intensity=loop["intensity"])
+                     tuple(loop["trained_on"]), in_channels=channels, intensity=loop["intensity"], geometry=cfg.geometry,
+                     plan=loop.get("plan"))
     train_shard, val_iter = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -286,6 +248,8 @@ class TrainData(NamedTuple):
     ignored: list  # URLs of files that belong to no labelled layout
     in_channels: int  # of the model: the training images' (rayseg.intensity.model_channels)
     intensity: dict  # the normalisation record for model.json, with dataset statistics where measured
+    config: Any  # the TrainConfig with the plan's values where the user gave none
+    plan: Any  # rayseg.plan.Plan: what was chosen from the training set, and why
 
 
 def build_datasets(cfg: TrainConfig) -> TrainData:
@@ -294,6 +258,7 @@ def build_datasets(cfg: TrainConfig) -> TrainData:
 
     from rayseg.intensity import dataset_rows, measure, model_channels, parse
     from rayseg.labelled import find_pairs, read_labelled, split_errors
+    from rayseg.plan import log_plan, plan_dataset
     from rayseg.runtime import ensure_ray
 
     so = cfg.storage_options
@@ -314,13 +279,16 @@ def build_datasets(cfg: TrainConfig) -> TrainData:
         raise UserError(f"only {n_train} usable training pair(s) for {cfg.workers} worker(s); see the skipped pairs above")
     if n_val == 0:
         raise UserError("no usable validation pairs; see the skipped pairs above")
-    seen, norm = measure(dataset_rows(train_ds), parse(cfg.intensity or "auto"))  # a distributed pass (two for dataset)
+    plan, first = plan_dataset(train_ds, cfg)  # the fingerprint: one distributed pass, which also counts channels
+    log_plan(plan)
+    cfg = dataclasses.replace(cfg, **plan.values())
+    seen, norm = measure(dataset_rows(train_ds), parse(cfg.intensity), first=first)  # a second pass for dataset only
     channels = model_channels(seen["channels"], cfg.in_channels)
     if not norm.measured():
         raise UserError("--intensity dataset measures each channel over the training set: the images need one channel count")
     # materialized so that, while the workers hold every CPU, no Ray Data task is left to schedule
     return TrainData(train_ds.materialize(), val_ds.materialize(), n_train, n_val, train_bad + val_bad, ignored + val_ignored,
-                     channels, norm.to_json())
+                     channels, norm.to_json(), cfg, plan)
 
 
 def build_trainer(cfg: TrainConfig, data: TrainData):
@@ -336,7 +304,7 @@ def build_trainer(cfg: TrainConfig, data: TrainData):
         train_loop,
         train_loop_config={"config": public_config(cfg),  # workers read no storage: no secrets travel
                            "train_rows": data.train_pairs, "trained_on": list(cfg.data),
-                           "in_channels": data.in_channels, "intensity": data.intensity},
+                           "in_channels": data.in_channels, "intensity": data.intensity, "plan": data.plan.to_json()},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=RunConfig(
             name=RUN_NAME, storage_path=storage_path, storage_filesystem=None if local else pa_fs,
@@ -365,6 +333,7 @@ def run_summary(cfg: TrainConfig, data: TrainData, result, best_checkpoint, best
         "starts": list(state["starts"]),  # the epoch each attempt began at: [1, 3] = resumed at epoch 3
         "history": nan_to_none(list(state["history"])),
         "model": cfg.model, "num_classes": cfg.num_classes, "in_channels": data.in_channels, "intensity": data.intensity,
+        "plan": data.plan.choices(),
         "class_names": ModelCard(cfg.model, cfg.num_classes, tuple(cfg.class_names)).names(),
         "train_pairs": data.train_pairs, "val_pairs": data.val_pairs, "bad_pairs": len(data.bad),
         "bad_pair_examples": [{"image_id": i, "error": e} for i, e in data.bad[:20]],
@@ -387,6 +356,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
         return {**previous, "already_finished": True, "best": best}
 
     data = build_datasets(cfg)
+    cfg = data.config  # the plan's values where the user gave none
     result = build_trainer(cfg, data).fit()
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: (cm[1]["val_miou"], cm[1]["epoch"]))
     best = publish_best(best_checkpoint, cfg.output, so)
@@ -396,5 +366,5 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
 
 
 def register(sub) -> None:
-    add_command(sub, "train", TrainConfig, lambda cfg: print_summary(train(cfg), omit=("config", "history")),
+    add_command(sub, "train", TrainConfig, lambda cfg: print_summary(train(cfg), omit=("config", "history", "plan")),
                 help="train a segmentation model on labelled pairs with Ray Train", description=__doc__.split("\n\n")[0])

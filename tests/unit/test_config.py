@@ -11,7 +11,7 @@ from rayseg import cli, config
 from rayseg.cliutil import config_from
 from rayseg.errors import UserError
 
-COMMANDS = ("segment", "nightly", "evaluate", "train", "bench", "demo", "report", "synth", "doctor")
+COMMANDS = ("segment", "nightly", "evaluate", "train", "plan", "bench", "demo", "report", "synth", "doctor")
 
 
 def flags_of(command: str) -> dict[str, argparse.Action]:
@@ -44,7 +44,7 @@ def test_groups_are_shared_by_the_commands_that_run_the_predictor():
 def test_defaults_differ_by_command_where_declared():
     assert config.SegmentConfig(inputs=("x",), output="o").batch_size is None  # automatic
     assert config.EvalConfig(checkpoint="c", data=("d",)).batch_size == 16
-    assert config.TrainConfig(data=("d",), val_data=("v",), output="o").batch_size == 8
+    assert config.TrainConfig(data=("d",), val_data=("v",), output="o").batch_size is None  # planned from the data (rayseg.plan)
     assert config.BenchConfig().batch_size == 16
 
 

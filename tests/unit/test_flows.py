@@ -27,6 +27,7 @@ FLOWS = {
     "ddp-across-nodes": "a training job with one rank on each node",
     "train-worker-killed": "a training worker killed, the run resumed from its checkpoint",
     "deep-images": "16-bit images trained and segmented",
+    "planned-training": "`rayseg plan` and `rayseg train` plan from the data; the card records it and segment follows it",
     "real-images": "real sample images from registry packages",
     "browser": "the HTML report in headless Chromium",
     "demo": "the demo end to end",

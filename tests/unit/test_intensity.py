@@ -182,3 +182,32 @@ def test_model_channels():
         intensity.model_channels({2: 1, 5: 1}, None)
     with pytest.raises(UserError, match="--in-channels 4"):
         intensity.model_channels({5: 1}, 4)
+
+
+def test_nonzero_zscores_each_image_over_its_nonzero_pixels_and_keeps_zeros_at_zero():
+    rng = np.random.default_rng(0)
+    img = np.zeros((32, 32, 1), np.uint16)
+    img[8:24, 8:24, 0] = rng.normal(3000, 200, (16, 16)).astype(np.uint16)
+    norm, mean, std = parse("nonzero"), (0.449,), (0.226,)
+    assert norm == Intensity("nonzero") and norm.to_json() == {"mode": "nonzero", "spec": "nonzero"}
+    y = normalise(img, norm, mean, std)
+    z = (y / 255 - mean[0]) / std[0]  # what the device computes
+    inside = z[8:24, 8:24]
+    assert inside.mean() == pytest.approx(0, abs=1e-4) and inside.std() == pytest.approx(1, abs=1e-3)
+    assert np.allclose(z[:8], 0, atol=1e-5)
+    assert np.allclose(normalise(img * 3, norm, mean, std), y, atol=1e-2)  # a slice scaled by 3 reads the same
+
+
+def test_an_exported_graph_normalises_nonzero_as_the_host_does():
+    import torch
+
+    from rayseg.export import Exported
+
+    card = ModelCard("unet", 2, in_channels=1, mean=(0.449,), std=(0.226,), intensity={"mode": "nonzero", "spec": "nonzero"})
+    graph = Exported(torch.nn.Identity(), card, parse("nonzero"), 1, False, False)
+    rng = np.random.default_rng(1)
+    img = np.zeros((20, 24, 1), np.uint16)
+    img[4:16, 5:20, 0] = rng.integers(100, 4000, (12, 15))
+    host = normalise(img, parse("nonzero"), card.mean, card.std)[..., 0]
+    in_graph = graph.scaled(torch.from_numpy(img.astype(np.float32)).permute(2, 0, 1)[None])[0, 0].numpy()
+    assert np.allclose(in_graph, host, atol=1e-2)

@@ -141,3 +141,38 @@ def test_a_tiled_image_that_never_fits_becomes_an_error_row():
     img = np.zeros((3 * SIZE, 3 * SIZE, 3), np.uint8)
     got = predictor(batch_of([img]))
     assert "does not fit" in got["error"][0] and f"{3 * SIZE}x{3 * SIZE}" in got["error"][0]
+
+
+def _card_bundle(geometry: str, architecture: str = "pointwise"):
+    import dataclasses
+
+    bundle = load_bundle(None, architecture, num_classes=K, input_size=SIZE)
+    return dataclasses.replace(bundle, card=dataclasses.replace(bundle.card, geometry=geometry))
+
+
+def test_a_crop_trained_model_segments_an_image_of_1_2x_its_input_at_native_scale():
+    side = int(SIZE * 1.2)
+    native = Predictor(_card_bundle("native"), PredictConfig(device="cpu", batch_size=4), threads=1)
+    assert native.route(side, side) == "tile" and native.tile_side() == SIZE  # a sliding window of input-size tiles
+    assert native.route(SIZE, SIZE) == "stack" and native.route(20, 30) == "pad"  # smaller: padded, not stretched
+    old = Predictor(_card_bundle(""), PredictConfig(device="cpu", batch_size=4), threads=1)  # a card from before geometry
+    assert old.route(side, side) == "resize" and old.route(20, 30) == "resize" and old.route(2 * SIZE + 1, 8) == "tile"
+    assert Predictor(_card_bundle("native"), PredictConfig(device="cpu", geometry="resize")).route(side, side) == "resize"
+
+
+def test_native_scale_padding_gives_a_per_pixel_model_the_masks_of_its_whole_image_forward():
+    pred = Predictor(_card_bundle("native"), PredictConfig(device="cpu", batch_size=4), threads=1)
+    imgs = [images()[1], images()[0], images()[3]]  # padded, stacked, tiled
+    out = pred(batch_of(imgs))
+    for img, mask in zip(imgs, out["mask"]):
+        x = pred.model_input(img)
+        expected = pred.logits(x).argmax(1)[0].to(torch.uint8).numpy()
+        assert mask.shape == img.shape[:2] and np.array_equal(mask, expected)
+
+
+def test_a_card_without_geometry_keeps_its_bytes():
+    from rayseg.models import ModelCard
+
+    card = ModelCard("unet", 2)
+    assert "geometry" not in card.to_json() and "plan" not in card.to_json()
+    assert ModelCard.from_json(ModelCard("unet", 2, geometry="native", plan={"a": 1}).to_json()).geometry == "native"

@@ -197,3 +197,21 @@ def test_instance_masks_train_in_binary_mode(tmp_path):
     binary = decode_pairs(rows, 2, mask_mode="binary")
     assert binary["error"][0] is None and np.array_equal(binary["target"][0], (instances > 0).astype(np.uint8))
     assert binary["image"][0].dtype == np.uint16 and binary["dtype"][0] == "uint16"
+
+
+def test_native_augmentation_crops_at_native_scale_and_oversamples_foreground():
+    rng = np.random.default_rng(0)
+    image = np.zeros((200, 200, 1), np.uint16)
+    mask = np.zeros((200, 200), np.uint8)
+    mask[150:156, 20:26] = 1  # one small object, far from the centre
+    image[mask == 1] = 1000
+    hits = {0.0: 0, 1.0: 0}
+    for share in hits:
+        for _ in range(30):
+            img, msk = augment(image, mask, 64, rng, scale=(1.0, 1.0), geometry="native", foreground=share)
+            assert img.shape == (64, 64, 1) and msk.shape == (64, 64) and img.dtype == np.uint16
+            assert np.array_equal(img[..., 0] == 1000, msk == 1)  # native scale: no resampling blurs the object
+            hits[share] += bool((msk == 1).any())
+    assert hits[1.0] == 30 and hits[0.0] < 15
+    small_img, small_mask = augment(image[:40, :50], mask[:40, :50], 64, rng, scale=(1.0, 1.0), geometry="native")
+    assert (small_mask != 255).sum() == 40 * 50  # padded, not stretched
