@@ -1,0 +1,135 @@
+"""Huge images by region: the mosaic of region cores is the whole-image sliding window to the bit, planning skips
+background without losing tissue, and the object count from a store equals OpenCV's on the whole mask."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from large_images import balanced, tiled_picture, write_pyramid
+from rayseg import maskstore, regions
+from rayseg.config import PredictConfig
+from rayseg.models import for_inference, load_bundle
+from rayseg.predict import Predictor, mask_and_confidence
+from rayseg.tiling import blended_bands, sliding_window
+
+SIDE, TILE, OVERLAP, REGION = 4096, 256, 0.25, 1024
+
+
+@pytest.fixture(scope="module")
+def pyramid(tmp_path_factory):
+    img = tiled_picture(SIDE)
+    return img, write_pyramid(tmp_path_factory.mktemp("big") / "slide.tif", img, levels=4)
+
+
+def top_rows(predictor: Predictor, img: np.ndarray, rows: int) -> np.ndarray:
+    """The whole-image sliding window's mask, its bands taken down to `rows` (the rest is never computed)."""
+    x, forward = predictor._tiles(img)
+    parts = []
+    for _, y1, lg in blended_bands(x, TILE, OVERLAP, forward, predictor.batch_size):
+        parts.append(mask_and_confidence(lg)[0].numpy())
+        if y1 >= rows:
+            break
+    return np.concatenate(parts)[:rows]
+
+
+@pytest.mark.parametrize("architecture, rows", [("unet", SIDE), ("lraspp_mobilenet_v3_large", SIDE // 2)])
+def test_region_mosaic_equals_the_whole_image_sliding_window(pyramid, architecture, rows):
+    """Regions of 1024 on a 4096x4096 pyramid: 0 pixels differ from one sliding window over the whole image (for
+    lraspp, four times slower, its top half). A grid of its own per region, as peers cut regions (core plus a
+    halo), differs: a halo alone does not give exact seams."""
+    img, url = pyramid
+    torch.set_num_threads(1)  # as an actor runs
+    predictor = Predictor(load_bundle(None, "unet", 2, None, input_size=TILE), PredictConfig(tile=TILE, overlap=OVERLAP, batch_size=8), threads=1)
+    predictor.model = for_inference(balanced(architecture), torch.device("cpu"))
+    reference = top_rows(predictor, img, rows)
+    assert 0.1 < reference.mean() < 0.9, "a mask with both classes"
+
+    plan = regions.plan_image(url, None, regions.RegionPlan(region_size=REGION, tile=TILE, overlap=OVERLAP, background="none"))
+    assert plan["head"]["levels"][0] == [SIDE, SIDE] and len(plan["regions"]) == (SIDE // REGION) ** 2 and plan["skipped"] == 0
+    mosaic = np.full_like(reference, 255)
+    for spec in [r for r in plan["regions"] if r["core"][0] < rows][::-1]:  # any order
+        region = regions.Region(url, "", 0, (SIDE, SIDE), tuple(spec["core"]), tuple(spec["window"]))
+        window = regions.read_window(region, None)
+        y0, y1, x0, x1 = region.core
+        mosaic[y0:y1, x0:x1], _ = predictor.core(predictor.inputs.one(window), (region.window[0], region.window[2]), region.shape, region.core)
+    assert int((mosaic != reference).sum()) == 0
+
+    # the negative control: one interior region as peers cut it, its core plus a halo of half a tile, through a
+    # sliding window of its own
+    y0, y1, x0, x1 = plan["regions"][5]["core"]
+    wy0, wx0 = y0 - TILE // 2, x0 - TILE // 2
+    x, forward = predictor._tiles(img[wy0 : y1 + TILE // 2, wx0 : x1 + TILE // 2])
+    own = sliding_window(x, TILE, OVERLAP, forward, 8).argmax(0).numpy()[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0]
+    assert int((own != reference[y0:y1, x0:x1]).sum()) > 0
+
+
+def test_windows_cover_every_tile_touching_the_core():
+    shape = (3000, 2500)
+    for core in regions.cores(shape, 1024):
+        y0, y1, x0, x1 = regions.window_of(core, shape, TILE, OVERLAP)
+        assert y0 <= core[0] and y1 >= core[1] and x0 <= core[2] and x1 >= core[3]
+        assert (y0 % 192 == 0 or y0 == shape[0] - TILE) and y1 <= shape[0] and x1 <= shape[1]
+
+
+def test_background_regions_are_skipped_and_no_tissue_is_lost(tmp_path):
+    """A slide whose tissue is a disc of about 40% of its area: most regions are glass and are skipped, and
+    every region holding a tissue pixel is kept."""
+    side, region = 8192, 512
+    img = np.full((side, side, 3), 240, np.uint8)  # glass
+    yy, xx = np.ogrid[:side, :side]
+    tissue = (yy - side / 2) ** 2 + (xx - side / 2) ** 2 < (0.36 * side) ** 2
+    img[tissue] = tiled_picture(side)[tissue] // 2 + 40  # stained, darker than the glass
+    url = write_pyramid(tmp_path / "slide.tif", img, levels=5)
+    plan = regions.plan_image(url, None, regions.RegionPlan(region_size=region, tile=TILE, overlap=OVERLAP))
+    kept = {tuple(r["core"]) for r in plan["regions"]}
+    assert plan["skipped"] + len(kept) == (side // region) ** 2
+    assert plan["skipped"] >= 0.5 * (side // region) ** 2
+    for core in regions.cores((side, side), region):
+        if tissue[core[0] : core[1], core[2] : core[3]].any():
+            assert core in kept, f"region {core} holds tissue but was skipped"
+    small = regions.plan_image(url, None, regions.RegionPlan(region_pixels=10**9))
+    assert small is not None, "a pyramid takes the region path whatever its size"
+
+
+def test_flat_small_tiff_stays_on_the_ordinary_path(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "small.tif", tiled_picture(1024), tile=(256, 256))
+    assert regions.plan_image(str(tmp_path / "small.tif"), None, regions.RegionPlan()) is None
+    assert regions.plan_image(str(tmp_path / "small.tif"), None, regions.RegionPlan(region_pixels=1000)) is not None
+
+
+def test_too_many_regions_is_an_error_not_a_plan(pyramid):
+    _, url = pyramid
+    plan = regions.plan_image(url, None, regions.RegionPlan(region_size=256, max_regions=100))
+    assert plan["regions"] == [] and "--max-regions" in plan["error"]
+
+
+def test_store_components_equal_opencv_on_the_whole_mask(tmp_path):
+    """Blobs crossing region borders and corners, written region by region: the store's component count per
+    class equals cv2.connectedComponentsWithStats on the whole mask."""
+    rng = np.random.default_rng(0)
+    side, region = 2048, 512
+    mask = np.zeros((side, side), np.uint8)
+    for _ in range(150):
+        cv2.circle(mask, (int(rng.integers(0, side)), int(rng.integers(0, side))), int(rng.integers(3, 60)), int(rng.integers(1, 3)), -1)
+    for y, x in [(511, 511), (512, 512), (1023, 1536), (1024, 1535)]:  # touching only across a corner of four regions
+        mask[y, x] = 1
+    url = str(tmp_path / "m.zarr")
+    maskstore.create(url, None, (side, side), region, {"image_id": "m", "shape": [side, side], "num_classes": 3, "regions": 16,
+                                                       "skipped": 0, "error": None})
+    for core in regions.cores((side, side), region):
+        y0, y1, x0, x1 = core
+        part = mask[y0:y1, x0:x1]
+        maskstore.write_region(url, None, core, part, {"core": list(core), "error": None, "pixels": int(part.size), "confidence_sum": 1.0,
+                                                       "class_pixels": np.bincount(part.ravel(), minlength=3)[:3].tolist()})
+    assert np.array_equal(maskstore.read_mask(url), mask)
+    assert np.array_equal(maskstore.read_mask(url, level=2), mask[::4, ::4])
+    row = maskstore.image_row(url, None)
+    for c in range(3):
+        n, _, _, _ = cv2.connectedComponentsWithStats((mask == c).astype(np.uint8), connectivity=8)
+        assert row["num_components"][c] == n - 1, f"class {c}"
+    assert row["class_pixels"] == np.bincount(mask.ravel(), minlength=3).tolist() and row["error"] is None
