@@ -64,6 +64,11 @@ def plan(shards, cfg, num_classes: int) -> tuple[list, list[dict], list[dict]]:
     candidates = [s for s in shards if s.kind == "image" and regions.is_candidate(s.url)]
     if not candidates:
         return shards, [], []
+    try:
+        import zarr  # noqa: F401 - tifffile's region reads and the mask store both need it
+    except ImportError:
+        log.warning("huge TIFFs are decoded whole (up to --max-pixels): reading them by region needs rayseg[wsi] (zarr)")
+        return shards, [], []
     rp = region_plan(cfg)
     task = ray.remote(num_cpus=1)(plan_files)
     groups = [candidates[i : i + PLAN_FILES] for i in range(0, len(candidates), PLAN_FILES)]
