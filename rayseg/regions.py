@@ -26,7 +26,8 @@ import numpy as np
 from rayseg.tiling import tile_starts
 
 REGION_EXTENSIONS = (".tif", ".tiff", ".svs", ".btf", ".tf8")
-OVERVIEW_SIDE = 2048  # the overview: the largest level whose sides fit this (16 MB of RGB at most; Otsu needs no more)
+OVERVIEW_MIN = 512  # the overview: the smallest level at least this long (a few hundred KB of tiles: planning reads little)
+OVERVIEW_SIDE = 2048  # ... read with a stride where even that level is longer than this (a flat image)
 TISSUE_MARGIN = 2  # overview pixels the tissue mask grows by: an edge that Otsu shaved off still keeps its region
 FLAT_CONTRAST = 4.0  # an overview whose grey values spread less than this (8-bit units) has no background to tell apart
 
@@ -48,14 +49,18 @@ def is_candidate(url: str) -> bool:
     return url.lower().endswith(REGION_EXTENSIONS)
 
 
-def open_tiff(url: str, storage_options: dict | None):
+PLAN_BLOCK = 256 * 1024  # bytes an object store fetches at a time while planning: IFDs and an overview's tiles are small
+READ_BLOCK = 4 * 1024 * 1024  # ... while reading a region: its tiles lie in a few long runs of the file
+
+
+def open_tiff(url: str, storage_options: dict | None, block_size: int = READ_BLOCK):
     """(fsspec file, tifffile.TiffFile): the file is read lazily, range by range, on any fsspec protocol."""
     import tifffile
 
     from rayseg.storage import filesystem
 
     fs, path = filesystem(url, storage_options)
-    f = fs.open(path, "rb", block_size=1 << 20)
+    f = fs.open(path, "rb", block_size=block_size)
     try:
         return f, tifffile.TiffFile(f)
     except Exception:
@@ -89,14 +94,14 @@ def takes_region_path(head: dict, plan: RegionPlan) -> bool:
 
 
 def overview(tif, head: dict) -> tuple[np.ndarray, int]:
-    """(overview image (h, w, C), its level): the largest level whose sides fit OVERVIEW_SIDE, else the smallest,
-    read with a stride where even that is bigger (a flat image: every tile is read once, none kept)."""
+    """(overview image (h, w, C), its level): the smallest level at least OVERVIEW_MIN long, read with a stride
+    where it is longer than OVERVIEW_SIDE (a flat image: every tile is read once, none kept)."""
     import zarr
 
     series = tif.series[0]
     levels = head["levels"]
-    fit = [i for i, (h, w) in enumerate(levels) if max(h, w) <= OVERVIEW_SIDE]
-    lv = fit[0] if fit else len(levels) - 1
+    long_enough = [i for i, (h, w) in enumerate(levels) if max(h, w) >= OVERVIEW_MIN]
+    lv = long_enough[-1] if long_enough else 0
     h, w = levels[lv]
     if max(h, w) <= OVERVIEW_SIDE:
         return as_hwc(series.levels[lv].asarray(), head["axes"]), lv
@@ -154,7 +159,7 @@ def cores(shape: tuple[int, int], size: int) -> list[tuple[int, int, int, int]]:
 def plan_image(url: str, storage_options: dict | None, plan: RegionPlan, intensity: str = "") -> dict | None:
     """None where the image takes the ordinary path; else {"head", "level", "shape", "regions", "skipped",
     "window", "error"}: the region specs to run, the cores skipped as background, the intensity window."""
-    f, tif = open_tiff(url, storage_options)
+    f, tif = open_tiff(url, storage_options, PLAN_BLOCK)
     with f, tif:
         head = header(tif)
         if not takes_region_path(head, plan):
