@@ -159,3 +159,27 @@ def test_store_components_equal_opencv_on_the_whole_mask(tmp_path):
         n, _, _, _ = cv2.connectedComponentsWithStats((mask == c).astype(np.uint8), connectivity=8)
         assert row["num_components"][c] == n - 1, f"class {c}"
     assert row["class_pixels"] == np.bincount(mask.ravel(), minlength=3).tolist() and row["error"] is None
+
+
+def test_regions_and_stores_on_any_fsspec_url(pyramid):
+    """memory:// stands in for an object store: a window read through the zarr store, a store written and read."""
+    img, url = pyramid
+    fs = fsspec.filesystem("memory")
+    with open(url, "rb") as f:
+        fs.pipe("/giga/slide.tif", f.read())
+    region = regions.Region("memory://giga/slide.tif", "", 1, (SIDE // 2, SIDE // 2), (512, 1024, 0, 512), (448, 1088, 0, 576))
+    assert np.array_equal(regions.read_window(region, None), img[::2, ::2][448:1088, 0:576])
+
+    store = "memory://giga/out/masks/m.zarr"
+    maskstore.create(store, None, (1000, 700), 512, {"image_id": "m", "shape": [1000, 700], "num_classes": 2, "regions": 4,
+                                                     "skipped": 0, "error": None})
+    mask = np.zeros((1000, 700), np.uint8)
+    mask[100:900, 300:400] = 1
+    for core in regions.cores((1000, 700), 512):
+        part = mask[core[0] : core[1], core[2] : core[3]]
+        maskstore.write_region(store, None, core, part, {"core": list(core), "error": None, "pixels": int(part.size),
+                                                         "confidence_sum": 0.5 * part.size, "class_pixels": np.bincount(part.ravel(), minlength=2).tolist()})
+    row = maskstore.image_row(store, None)
+    assert np.array_equal(maskstore.read_mask(store), mask) and row["num_components"] == [1, 1] and row["mean_confidence"] == 0.5
+    assert fs.exists("/giga/out/masks/m.zarr/labels/mask/0/c/0/0")
+    assert not fs.exists("/giga/out/masks/m.zarr/labels/mask/0/c/1/1"), "an all-background chunk is not stored"
