@@ -125,14 +125,14 @@ def with_region_columns(table: pa.Table) -> pa.Table:
     return table
 
 
-def image_rows(batch: dict[str, np.ndarray], storage_options: dict, model: str, objects: bool) -> pa.Table:
+def image_rows(batch: dict[str, np.ndarray], storage_options: dict, model: str, objects: bool, min_area: int = 0) -> pa.Table:
     """Ray Data stage: huge images' stores -> their output rows (stats.SCHEMA, the region columns, and with
-    --objects an empty objects list: the objects table of huge images is not written yet)."""
+    --objects the image's objects, merged across region borders, in level-0 pixels)."""
     from rayseg.stats import SCHEMA
 
     rows = []
     for store in batch["store"]:
-        r = maskstore.image_row(str(store), storage_options)
+        r = maskstore.image_row(str(store), storage_options, objects, min_area)
         r["model"] = model
         rows.append(r)
     cols = {f.name: [r.get(f.name) for r in rows] for f in SCHEMA}
@@ -140,7 +140,7 @@ def image_rows(batch: dict[str, np.ndarray], storage_options: dict, model: str, 
     if objects:
         from rayseg.objects import OBJECTS_TYPE
 
-        table = table.append_column("objects", pa.nulls(len(rows), OBJECTS_TYPE))
+        table = table.append_column("objects", pa.array([r.get("objects") for r in rows], OBJECTS_TYPE))
     for name, typ in REGION_FIELDS:
         table = table.append_column(pa.field(name, typ), pa.array([r.get(name) for r in rows], typ))
     return table

@@ -142,21 +142,27 @@ class _Joins:
         return sum(1 for i in range(len(self.parent)) if self.find(i) == i)
 
 
-def components(url: str, storage_options: dict | None, classes: list[int], band: int = MAX_CHUNK) -> dict[int, int]:
-    """{class: 8-connected components} over the whole level-0 mask, read `band` rows at a time. Each band is
-    labelled by OpenCV; the labels of a band's first row join those of the row above at x-1, x and x+1."""
+def components(url: str, storage_options: dict | None, classes: list[int], band: int = MAX_CHUNK) -> dict[int, dict]:
+    """{class: {"count", "area", "bbox", "centroid"}}: the 8-connected components of the whole level-0 mask, read
+    `band` rows at a time. Each band is labelled by OpenCV; the labels of a band's first row join those of the row
+    above at x-1, x and x+1 (union-find), and each component's area, box and centroid are the sums over its parts,
+    in level-0 pixels: what cv2.connectedComponentsWithStats gives on the whole mask, without holding it."""
     import cv2
     import zarr
 
     arr = zarr.open_array(zarr_store(url, storage_options), path=f"{MASK}/0", mode="r")
     h, _ = arr.shape
     joins = {c: _Joins() for c in classes}
+    parts: dict[int, list[np.ndarray]] = {c: [] for c in classes}  # per part: area, x0, y0, x1, y1, sum x, sum y
     above: dict[int, np.ndarray] = {}
     for y in range(0, h, band):
         rows = arr[y : min(y + band, h)]
         for c in classes:
-            n, labels = cv2.connectedComponents((rows == c).astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+            n, labels, stats, centroids = cv2.connectedComponentsWithStats((rows == c).astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
             first = joins[c].add(n - 1)
+            st, area = stats[1:].astype(np.float64), stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
+            parts[c].append(np.stack([area, st[:, 0], st[:, 1] + y, st[:, 0] + st[:, 2], st[:, 1] + y + st[:, 3],
+                                      centroids[1:, 0] * area, (centroids[1:, 1] + y) * area], axis=1))
             ids = np.where(labels > 0, labels - 1 + first, -1)
             if c in above:
                 prev, top = above[c], ids[0]
@@ -167,12 +173,38 @@ def components(url: str, storage_options: dict | None, classes: list[int], band:
                     for i, j in set(zip(a[both].tolist(), b[both].tolist())):
                         joins[c].union(i, j)
             above[c] = ids[-1]
-    return {c: joins[c].count() for c in classes}
+    out = {}
+    for c in classes:
+        p = np.concatenate(parts[c]) if parts[c] else np.zeros((0, 7))
+        roots = np.array([joins[c].find(i) for i in range(len(p))], np.int64)
+        uniq, inv = np.unique(roots, return_inverse=True)
+        agg = np.zeros((len(uniq), 7))
+        agg[:, 1:3], agg[:, 3:5] = np.inf, -np.inf
+        for col, fn in ((0, np.add), (5, np.add), (6, np.add), (1, np.minimum), (2, np.minimum), (3, np.maximum), (4, np.maximum)):
+            fn.at(agg[:, col], inv, p[:, col])
+        out[c] = {"count": len(uniq), "area": agg[:, 0].astype(np.int64),
+                  "bbox": np.stack([agg[:, 1], agg[:, 2], agg[:, 3] - agg[:, 1], agg[:, 4] - agg[:, 2]], axis=1).astype(np.int64),
+                  "centroid": agg[:, 5:7] / np.maximum(agg[:, :1], 1)}
+    return out
 
 
-def image_row(url: str, storage_options: dict | None) -> dict:
+def objects_of(found: dict[int, dict], min_area: int) -> list[dict]:
+    """The objects table rows of a huge image (rayseg.objects' fields; no per-object RLE or confidence yet)."""
+    out = []
+    for c, comp in sorted(found.items()):
+        if c == 0:
+            continue
+        for k in np.argsort(comp["bbox"][:, 1] * (1 << 32) + comp["bbox"][:, 0], kind="stable"):  # top to bottom
+            if comp["area"][k] >= max(min_area, 1):
+                out.append({"class": int(c), "area": int(comp["area"][k]), "bbox": [int(v) for v in comp["bbox"][k]],
+                            "centroid": [float(v) for v in comp["centroid"][k]], "mean_confidence": None, "rle": None})
+    return out
+
+
+def image_row(url: str, storage_options: dict | None, objects: bool = False, min_area: int = 0) -> dict:
     """The image's output row fields from its store: class pixels (skipped regions are background), mean
-    confidence over the pixels segmented, components over the whole mask, regions skipped, the first error."""
+    confidence over the pixels segmented, components over the whole mask (and with `objects`, each of them),
+    regions skipped, the first error."""
     import zarr
 
     attrs = zarr.open_group(zarr_store(url, storage_options), mode="r").attrs["rayseg"]
@@ -194,6 +226,8 @@ def image_row(url: str, storage_options: dict | None) -> dict:
     pixels[0] += h * w - int(pixels.sum())  # skipped regions hold background
     segmented = sum(r["pixels"] for r in recs)
     found = components(url, storage_options, [c for c in range(k) if pixels[c]])
-    row.update(class_pixels=pixels.tolist(), num_components=[found.get(c, 0) for c in range(k)],
+    if objects:
+        row["objects"] = objects_of(found, min_area)
+    row.update(class_pixels=pixels.tolist(), num_components=[found[c]["count"] if c in found else 0 for c in range(k)],
                mean_confidence=sum(r["confidence_sum"] for r in recs) / segmented if segmented else float("nan"))
     return row

@@ -134,9 +134,9 @@ def test_too_many_regions_is_an_error_not_a_plan(pyramid):
     assert plan["regions"] == [] and "--max-regions" in plan["error"]
 
 
-def test_store_components_equal_opencv_on_the_whole_mask(tmp_path):
-    """Blobs crossing region borders and corners, written region by region: the store's component count per
-    class equals cv2.connectedComponentsWithStats on the whole mask."""
+def test_store_objects_equal_opencv_on_the_whole_mask(tmp_path):
+    """Blobs crossing region borders and corners, written region by region: the store's components per class
+    (count, and each one's area, box and centroid) equal cv2.connectedComponentsWithStats on the whole mask."""
     rng = np.random.default_rng(0)
     side, region = 2048, 512
     mask = np.zeros((side, side), np.uint8)
@@ -154,10 +154,14 @@ def test_store_components_equal_opencv_on_the_whole_mask(tmp_path):
                                                        "class_pixels": np.bincount(part.ravel(), minlength=3)[:3].tolist()})
     assert np.array_equal(maskstore.read_mask(url), mask)
     assert np.array_equal(maskstore.read_mask(url, level=2), mask[::4, ::4])
-    row = maskstore.image_row(url, None)
+    row = maskstore.image_row(url, None, objects=True)
     for c in range(3):
-        n, _, _, _ = cv2.connectedComponentsWithStats((mask == c).astype(np.uint8), connectivity=8)
+        n, _, stats, centroids = cv2.connectedComponentsWithStats((mask == c).astype(np.uint8), connectivity=8)
         assert row["num_components"][c] == n - 1, f"class {c}"
+        if c:
+            expected = sorted((int(s[4]), [int(v) for v in s[:4]], [round(float(v), 6) for v in xy]) for s, xy in zip(stats[1:], centroids[1:]))
+            got = sorted((o["area"], o["bbox"], [round(v, 6) for v in o["centroid"]]) for o in row["objects"] if o["class"] == c)
+            assert got == expected, f"objects of class {c}"
     assert row["class_pixels"] == np.bincount(mask.ravel(), minlength=3).tolist() and row["error"] is None
 
 
