@@ -1,11 +1,13 @@
 """A huge image through `rayseg segment`: its regions spread over two actors beside an ordinary image, the mask
-store equals the one-actor sliding window, and two runs taking regions in different orders write identical stores."""
+store equals the one-actor sliding window, two runs taking regions in different orders write identical stores, and
+its objects, merged across region borders, are OpenCV's on the whole mask."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -44,7 +46,7 @@ def test_huge_image_regions_over_two_actors(ray_local, tmp_path, monkeypatch):
 
     monkeypatch.setattr(bigimage, "plan", shuffled)
     kw = dict(inputs=(str(inputs),), checkpoint=ckpt, tile=TILE, overlap=0.25, region_size=REGION, background="none",
-              actors="2", batch_size=8, quiet=True)
+              actors="2", batch_size=8, objects=True, quiet=True)
     first = segment(output=str(tmp_path / "a"), **kw)
     second = segment(output=str(tmp_path / "b"), **kw)
     assert first["images"] == 2 and first["errors"] == 0 and first["large_images"] == 1 and first["regions"] == (SIDE // REGION) ** 2
@@ -65,3 +67,8 @@ def test_huge_image_regions_over_two_actors(ray_local, tmp_path, monkeypatch):
     mask = maskstore.read_mask(big["mask_url"])
     assert 0.1 < reference.mean() < 0.9 and int((mask != reference).sum()) == 0
     assert list(big["class_pixels"]) == np.bincount(reference.ravel(), minlength=2).tolist()
+    n, _, stats, _ = cv2.connectedComponentsWithStats((reference == 1).astype(np.uint8), connectivity=8)
+    objects = read_table(str(tmp_path / "a"), table="objects").to_table().to_pandas()
+    mine = objects[objects["image_id"] == big.name]
+    assert len(mine) == n - 1 == big["num_components"][1]
+    assert sorted(mine["area"]) == sorted(stats[1:, cv2.CC_STAT_AREA].tolist())
