@@ -43,7 +43,8 @@ def plan_files(urls: list[str], storage_options: dict, plan: regions.RegionPlan,
         shape = tuple(planned.get("shape") or planned["head"]["levels"][0])
         attrs = {"image_id": url, "level": planned["level"], "shape": list(shape), "levels": planned["head"]["levels"],
                  "num_classes": num_classes, "region_size": plan.region_size, "regions": len(planned["regions"]),
-                 "skipped": planned["skipped"], "error": planned["error"], "intensity_window": planned["window"]}
+                 "skipped": planned["skipped"], "error": planned["error"], "intensity_window": planned["window"],
+                 "geo": planned["head"]["geo"]}
         maskstore.create(store, storage_options, shape, plan.region_size, attrs)
         window = None if planned["window"] is None else tuple(tuple(v) for v in planned["window"])
         rows = [] if planned["error"] else [
@@ -125,15 +126,24 @@ def with_region_columns(table: pa.Table) -> pa.Table:
     return table
 
 
-def image_rows(batch: dict[str, np.ndarray], storage_options: dict, model: str, objects: bool, min_area: int = 0) -> pa.Table:
+def image_rows(batch: dict[str, np.ndarray], storage_options: dict, model: str, objects: bool, min_area: int = 0,
+               cog: bool = False) -> pa.Table:
     """Ray Data stage: huge images' stores -> their output rows (stats.SCHEMA, the region columns, and with
-    --objects the image's objects, merged across region borders, in level-0 pixels)."""
+    --objects the image's objects, merged across region borders, in level-0 pixels). With `cog`, a GeoTIFF's
+    mask is also written as a COG beside its store (rayseg.geo)."""
     from rayseg.stats import SCHEMA
 
     rows = []
-    for store in batch["store"]:
+    for store, image_id in zip(batch["store"], batch["image_id"]):
         r = maskstore.image_row(str(store), storage_options, objects, min_area)
         r["model"] = model
+        if cog and r["error"] is None and maskstore.attributes(str(store), storage_options).get("geo"):
+            from rayseg.geo import write_cog
+
+            try:
+                write_cog(str(store), str(image_id), storage_options)
+            except Exception as e:  # noqa: BLE001 - the mask is in its store; the export's failure is this row's error
+                r["error"] = f"the COG export failed ({error_reason(e)})"
         rows.append(r)
     cols = {f.name: [r.get(f.name) for r in rows] for f in SCHEMA}
     table = pa.table(cols, schema=SCHEMA)

@@ -143,10 +143,10 @@ OPTIONS: dict[str, Option] = {
     # huge images (rayseg.regions)
     "region_pixels": Option(int, 8192 * 8192, "tiled or pyramidal TIFFs with more pixels than this, and every pyramid, are "
                                               "segmented by region over the whole actor pool into a mask store", _at_least(1), rows=KEYED),
-    "region_size": Option(int, 1024, "side of a huge image's regions (a multiple of 64): the pixels each region row writes",
-                          _multiple_of(64), rows=KEYED),
+    "region_size": Option(int, 1024, "side of a huge image's regions (a multiple of 64)", _multiple_of(64), rows=KEYED),
     "level": Option(int, 0, "pyramid level of huge images to segment at (0: full resolution)", _at_least(0), rows=KEYED),
     "max_regions": Option(int, 100_000, "a huge image needing more regions is an error row (absurd headers)", _at_least(1), rows=KEYED),
+    "cog": Option(bool, False, "huge GeoTIFFs: also write the mask as a COG beside its store, with their CRS (rayseg[geo])", rows=SAME),
     "background": Option(str, "otsu", "regions of huge images to skip: otsu (no tissue: the bright side of Otsu's threshold "
                                       "on an overview) or none", meta={"choices": ("otsu", "none")}, rows=KEYED),
     # labelled
@@ -237,7 +237,7 @@ READ = ("h5_key", "image_column", "max_pixels")
 LABELLED = ("data", "h5_key", "mask_key", "mask_mode", "max_pixels")
 PREDICT = ("batch_size", "device", "precision", "tile", "overlap", "tta", "compile", "intensity")
 OUTPUT = ("output", "mask_format", "objects", "min_area", "overwrite")
-REGIONS = ("region_pixels", "region_size", "level", "max_regions", "background")
+REGIONS = ("region_pixels", "region_size", "level", "max_regions", "background", "cog")
 
 
 def _check_options(cfg) -> None:

@@ -101,6 +101,13 @@ def read_mask(url: str, storage_options: dict | None = None, level: int = 0) -> 
     return zarr.open_array(zarr_store(url, storage_options), path=f"{MASK}/{level}", mode="r")[...]
 
 
+def attributes(url: str, storage_options: dict | None) -> dict:
+    """The image's plan, as planning wrote it into the store's root group."""
+    import zarr
+
+    return dict(zarr.open_group(zarr_store(url, storage_options), mode="r").attrs["rayseg"])
+
+
 def records(url: str, storage_options: dict | None) -> list[dict]:
     fs, path = storage.filesystem(url, storage_options)
     try:
@@ -205,9 +212,7 @@ def image_row(url: str, storage_options: dict | None, objects: bool = False, min
     """The image's output row fields from its store: class pixels (skipped regions are background), mean
     confidence over the pixels segmented, components over the whole mask (and with `objects`, each of them),
     regions skipped, the first error."""
-    import zarr
-
-    attrs = zarr.open_group(zarr_store(url, storage_options), mode="r").attrs["rayseg"]
+    attrs = attributes(url, storage_options)
     recs = records(url, storage_options)
     k = attrs["num_classes"]
     h, w = attrs["shape"]

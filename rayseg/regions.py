@@ -84,8 +84,11 @@ def header(tif) -> dict:
     series = tif.series[0]
     if "Y" not in series.axes or "X" not in series.axes:
         raise ValueError(f"TIFF series has axes {series.axes!r} and no Y and X")
+    tags = tif.pages[0].tags
+    nodata = tags.valueof(42113)  # GDAL_NODATA, as text
     return {"axes": series.axes, "dtype": str(series.dtype), "levels": [list(yx_shape(lv.shape, series.axes)) for lv in series.levels],
-            "tiled": bool(tif.pages[0].is_tiled)}
+            "tiled": bool(tif.pages[0].is_tiled), "geo": 34735 in tags,  # GeoKeyDirectoryTag: a GeoTIFF
+            "nodata": float(str(nodata).strip("\x00 ")) if nodata not in (None, "") else None}
 
 
 def takes_region_path(head: dict, plan: RegionPlan) -> bool:
@@ -111,13 +114,18 @@ def overview(tif, head: dict) -> tuple[np.ndarray, int]:
     return as_hwc(np.asarray(z[index]), head["axes"]), lv
 
 
-def tissue_mask(img: np.ndarray, background: str) -> np.ndarray:
-    """Boolean (h, w): where there may be tissue or data. Otsu on grey, the darker side (bright-field slides,
-    whose glass is white); a flat overview, or `background` none, keeps everything."""
+def tissue_mask(img: np.ndarray, background: str, head: dict | None = None) -> np.ndarray:
+    """Boolean (h, w): where there may be tissue or data. A GeoTIFF: every pixel not at its nodata value in all
+    channels (dark water is data). A slide: Otsu on grey, the darker side (bright-field glass is white). A flat
+    overview, or `background` none, keeps everything."""
     import cv2
 
     from rayseg.decode import to_uint8
 
+    head = head or {}
+    if head.get("geo"):
+        nodata = head.get("nodata")
+        return np.ones(img.shape[:2], bool) if background == "none" or nodata is None else (img != nodata).any(axis=2)
     grey = to_uint8(img).astype(np.float32).mean(axis=2)
     if background == "none" or grey.size == 0 or float(grey.std()) < FLAT_CONTRAST:
         return np.ones(grey.shape, bool)
@@ -176,7 +184,7 @@ def plan_image(url: str, storage_options: dict | None, plan: RegionPlan, intensi
                             f"over the limit of {plan.max_regions:,} (--max-regions)")
             return out
         small, lv = overview(tif, head)
-        keep = tissue_mask(small, plan.background)
+        keep = tissue_mask(small, plan.background, head)
         out["window"] = intensity_window(small, intensity)
     sy, sx = keep.shape[0] / shape[0], keep.shape[1] / shape[1]
     for core in boxes:

@@ -187,3 +187,35 @@ def test_regions_and_stores_on_any_fsspec_url(pyramid):
     assert np.array_equal(maskstore.read_mask(store), mask) and row["num_components"] == [1, 1] and row["mean_confidence"] == 0.5
     assert fs.exists("/giga/out/masks/m.zarr/labels/mask/0/c/0/0")
     assert not fs.exists("/giga/out/masks/m.zarr/labels/mask/0/c/1/1"), "an all-background chunk is not stored"
+
+
+def test_geotiff_nodata_is_skipped_and_the_cog_keeps_its_georeference(tmp_path):
+    """A GeoTIFF written by rasterio, its left quarter nodata: those regions are skipped (its dark water would be
+    data, not background), and the mask's COG has the source's CRS, geotransform and overviews."""
+    import rasterio
+    from affine import Affine
+
+    side, region = 2048, 512
+    img = tiled_picture(side).copy()
+    img[:, : side // 4] = 0
+    url = str(tmp_path / "scene.tif")
+    transform = Affine(10.0, 0, 500000.0, 0, -10.0, 5200000.0)
+    with rasterio.open(url, "w", driver="GTiff", width=side, height=side, count=3, dtype="uint8", crs="EPSG:32633", transform=transform,
+                       nodata=0, tiled=True, blockxsize=256, blockysize=256, compress="deflate") as dst:
+        dst.write(img.transpose(2, 0, 1))
+    plan = regions.plan_image(url, None, regions.RegionPlan(region_pixels=1000, region_size=region, tile=TILE, overlap=OVERLAP))
+    assert plan["head"]["geo"] and plan["head"]["nodata"] == 0
+    assert plan["skipped"] == side // region and all(r["core"][2] >= side // 4 for r in plan["regions"])
+
+    store = maskstore.store_url(str(tmp_path / "out"), url)
+    maskstore.create(store, None, (side, side), region, {"image_id": url, "shape": [side, side], "num_classes": 2, "regions": 16,
+                                                          "skipped": 0, "error": None, "geo": True})
+    mask = (img[:, :, 0] > 128).astype(np.uint8)
+    for core in regions.cores((side, side), region):
+        maskstore.write_region(store, None, core, mask[core[0] : core[1], core[2] : core[3]], {"core": list(core), "error": None})
+    from rayseg.geo import write_cog
+
+    with rasterio.open(write_cog(store, url, None)) as cog:
+        assert cog.crs.to_epsg() == 32633 and cog.transform == transform and cog.overviews(1)
+        assert np.array_equal(cog.read(1), mask)
+        assert cog.profile["blockxsize"] == 512 and cog.profile["tiled"]
