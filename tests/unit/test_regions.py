@@ -13,8 +13,9 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from large_images import balanced, tiled_picture, write_pyramid
-from rayseg import maskstore, regions
+from rayseg import bigimage, maskstore, regions
 from rayseg.config import PredictConfig
+from rayseg.geo import cog_url
 from rayseg.models import for_inference, load_bundle
 from rayseg.predict import Predictor, mask_and_confidence
 from rayseg.tiling import blended_bands, sliding_window
@@ -212,10 +213,25 @@ def test_geotiff_nodata_is_skipped_and_the_cog_keeps_its_georeference(tmp_path):
                                                           "skipped": 0, "error": None, "geo": True})
     mask = (img[:, :, 0] > 128).astype(np.uint8)
     for core in regions.cores((side, side), region):
-        maskstore.write_region(store, None, core, mask[core[0] : core[1], core[2] : core[3]], {"core": list(core), "error": None})
-    from rayseg.geo import write_cog
+        part = mask[core[0] : core[1], core[2] : core[3]]
+        maskstore.write_region(store, None, core, part, {"core": list(core), "error": None, "pixels": int(part.size), "confidence_sum": 0.9 * part.size,
+                                                         "class_pixels": np.bincount(part.ravel(), minlength=2).tolist()})
+    row = bigimage.image_rows({"store": np.array([store]), "image_id": np.array([url])}, None, "m", objects=False, cog=True).to_pylist()[0]
+    assert row["error"] is None and row["mask_url"] == store and row["regions_skipped"] == 0
 
-    with rasterio.open(write_cog(store, url, None)) as cog:
+    with rasterio.open(cog_url(store)) as cog:
         assert cog.crs.to_epsg() == 32633 and cog.transform == transform and cog.overviews(1)
         assert np.array_equal(cog.read(1), mask)
         assert cog.profile["blockxsize"] == 512 and cog.profile["tiled"]
+
+
+def test_a_failed_region_makes_its_image_an_error_row(tmp_path):
+    url = str(tmp_path / "e.zarr")
+    maskstore.create(url, None, (1024, 1024), 512, {"image_id": "e", "shape": [1024, 1024], "num_classes": 2, "regions": 4,
+                                                     "skipped": 0, "error": None})
+    maskstore.write_record(url, None, (0, 512, 0, 512), {"core": [0, 512, 0, 512], "error": "region at y=0, x=0: OSError: gone"})
+    row = maskstore.image_row(url, None)
+    assert row["error"].startswith("1 region(s) failed, the first: region at y=0, x=0") and row.get("class_pixels") is None
+    maskstore.write_record(url, None, (0, 512, 0, 512), {"core": [0, 512, 0, 512], "error": None, "pixels": 0, "confidence_sum": 0,
+                                                         "class_pixels": [0, 0]})
+    assert maskstore.image_row(url, None)["error"] == "3 of 4 regions were not written"
