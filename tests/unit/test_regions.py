@@ -235,3 +235,29 @@ def test_a_failed_region_makes_its_image_an_error_row(tmp_path):
     maskstore.write_record(url, None, (0, 512, 0, 512), {"core": [0, 512, 0, 512], "error": None, "pixels": 0, "confidence_sum": 0,
                                                          "class_pixels": [0, 0]})
     assert maskstore.image_row(url, None)["error"] == "3 of 4 regions were not written"
+
+
+def test_deep_images_are_normalised_by_one_image_wide_window(tmp_path):
+    """A 16-bit pyramid whose left half is dim and right half bright: the window comes from the overview, so a
+    pixel value maps to the same model input in every region (per-region percentiles would stretch each half)."""
+    side = 2048
+    img = np.empty((side, side, 1), np.uint16)
+    img[:, : side // 2] = np.arange(side // 2, dtype=np.uint16)[None, :, None] % 1000
+    img[:, side // 2 :] = 30000 + np.arange(side // 2, dtype=np.uint16)[None, :, None] % 1000
+    import tifffile
+
+    with tifffile.TiffWriter(tmp_path / "deep.tif") as tw:
+        tw.write(img[:, :, 0], tile=(256, 256), subifds=2)
+        for k in (1, 2):
+            tw.write(img[:: 2**k, :: 2**k, 0], tile=(256, 256), subfiletype=1)
+    plan = regions.plan_image(str(tmp_path / "deep.tif"), None, regions.RegionPlan(region_size=1024), intensity="")
+    (low, high), = plan["window"]
+    assert low < 1000 and high > 30000, "the window spans both halves"
+    from rayseg.intensity import Inputs
+
+    norm = Inputs(load_bundle(None, "unet", 2, None).card)
+    window = tuple(tuple(v) for v in plan["window"])
+    left = norm.one(img[:1024, :1024], None, window)
+    right = norm.one(img[:1024, 1024:], None, window)
+    assert left.max() < 10 and right.min() > 200, "dim stays dim, bright stays bright"
+    assert norm.one(img[:1024, :1024]).max() > 250, "without the window, each region would be stretched on its own"
