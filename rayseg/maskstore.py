@@ -108,6 +108,17 @@ def attributes(url: str, storage_options: dict | None) -> dict:
     return dict(zarr.open_group(zarr_store(url, storage_options), mode="r").attrs["rayseg"])
 
 
+def thumbnail(url: str, storage_options: dict | None, side: int) -> np.ndarray:
+    """The coarsest pyramid level at least `side` long (or level 0), whole: what a report overlays."""
+    import zarr
+
+    group = zarr.open_group(zarr_store(url, storage_options), path=MASK, mode="r")
+    k = 0
+    while str(k + 1) in group and max(group[str(k + 1)].shape) >= side:
+        k += 1
+    return group[str(k)][...]
+
+
 def records(url: str, storage_options: dict | None) -> list[dict]:
     fs, path = storage.filesystem(url, storage_options)
     try:

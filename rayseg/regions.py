@@ -236,3 +236,12 @@ def read_window(region: Region, storage_options: dict | None) -> np.ndarray:
         y0, y1, x0, x1 = region.window
         index = tuple(slice(y0, y1) if a == "Y" else slice(x0, x1) if a == "X" else slice(None) for a in axes)
         return np.ascontiguousarray(native(as_hwc(np.asarray(z[index]), axes)))
+
+
+def thumbnail(url: str, storage_options: dict | None) -> np.ndarray:
+    """The RGB picture of a huge image's overview level (reports): the image is never read whole."""
+    from rayseg.decode import to_rgb
+
+    f, tif = open_tiff(url, storage_options, PLAN_BLOCK)
+    with f, tif:
+        return to_rgb(overview(tif, header(tif))[0])

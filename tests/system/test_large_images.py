@@ -16,9 +16,10 @@ import torch
 from conftest import png_bytes
 from large_images import balanced, ihc, tiled_picture, write_pyramid
 from rayseg import bigimage, maskstore, segment
-from rayseg.config import PredictConfig
+from rayseg.config import PredictConfig, ReportConfig
 from rayseg.models import ModelCard, load_bundle, save_checkpoint
 from rayseg.predict import Predictor
+from rayseg.report import report
 from rayseg.table import read_table
 
 SIDE, TILE, REGION = 1536, 256, 512
@@ -72,3 +73,8 @@ def test_huge_image_regions_over_two_actors(ray_local, tmp_path, monkeypatch):
     mine = objects[objects["image_id"] == big.name]
     assert len(mine) == n - 1 == big["num_components"][1]
     assert sorted(mine["area"]) == sorted(stats[1:, cv2.CC_STAT_AREA].tolist())
+
+    # the report overlays a coarse level of the store on the slide's overview, never reading either whole
+    page = report(ReportConfig(output=str(tmp_path / "a"), html=str(tmp_path / "report.html")))
+    html = (tmp_path / "report.html").read_text()
+    assert page["overlays"] == 2 and "slide.tif" in html and "not readable" not in html
