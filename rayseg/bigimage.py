@@ -23,6 +23,7 @@ from rayseg.shards import error_reason
 log = logging.getLogger("rayseg")
 
 PLAN_FILES = 8  # files whose headers one planning task reads: a header is a few ranged reads, an overview a few MB
+MIN_PLAN_BYTES = 1 << 20  # smaller TIFFs are not planned: no image worth regions fits in 1 MiB, and many small files skip a pass
 
 
 def plan_files(urls: list[str], storage_options: dict, plan: regions.RegionPlan, intensity: str, output: str,
@@ -55,14 +56,16 @@ def plan_files(urls: list[str], storage_options: dict, plan: regions.RegionPlan,
     return out
 
 
-def plan(shards, cfg, num_classes: int) -> tuple[list, list[dict], list[dict]]:
+def plan(shards, cfg, card) -> tuple[list, list[dict], list[dict]]:
     """(the shards left to the ordinary path, the huge images [{image_id, store}], their region rows).
 
     Runs the planning in Ray tasks, PLAN_FILES files each; only tiled or pyramidal TIFFs over the threshold, or
-    pyramids, leave the ordinary path."""
+    pyramids, leave the ordinary path. `card` (the model's) says the classes and the normalisation to measure for."""
     import ray
 
-    candidates = [s for s in shards if s.kind == "image" and regions.is_candidate(s.url)]
+    from rayseg.intensity import effective
+
+    candidates = [s for s in shards if s.kind == "image" and regions.is_candidate(s.url) and s.size >= MIN_PLAN_BYTES]
     if not candidates:
         return shards, [], []
     try:
@@ -74,7 +77,8 @@ def plan(shards, cfg, num_classes: int) -> tuple[list, list[dict], list[dict]]:
     task = ray.remote(num_cpus=1)(plan_files)
     groups = [candidates[i : i + PLAN_FILES] for i in range(0, len(candidates), PLAN_FILES)]
     so = cfg.storage_options
-    results = ray.get([task.remote([s.url for s in g], so, rp, cfg.intensity, cfg.output, num_classes) for g in groups])
+    spec = effective(card.intensity, cfg.intensity)
+    results = ray.get([task.remote([s.url for s in g], so, rp, spec, cfg.output, card.num_classes) for g in groups])
     large, rows = [], []
     for group, planned in zip(groups, results):
         for shard, p in zip(group, planned):

@@ -138,12 +138,14 @@ def tissue_mask(img: np.ndarray, background: str, head: dict | None = None) -> n
 
 def intensity_window(img: np.ndarray, intensity: str) -> list[list[float]] | None:
     """Per channel [low, high] for the modes that take percentiles per image (auto on deep images, percentile),
-    measured on the overview; None where the card's normalisation is per pixel already (8-bit auto, fixed,
-    dataset, none)."""
+    measured on the overview; None where the normalisation (`intensity`: the card's, or the override, as text)
+    is per pixel already (8-bit auto, fixed, dataset, none, a card without a record)."""
     from rayseg import intensity as it
 
+    if intensity and not intensity.startswith(("auto", "percentile")):
+        return None
     norm = it.parse(intensity) if intensity else it.Intensity("auto")
-    if norm.mode not in ("auto", "percentile") or (norm.mode == "auto" and img.dtype == np.uint8):
+    if norm.mode == "auto" and img.dtype == np.uint8:
         return None
     low, high = (norm.low, norm.high) if norm.mode == "percentile" else it.PERCENTILES
     lo, hi = it.percentile_window(img, low, high)

@@ -165,7 +165,7 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
     from rayseg.devices import DeviceLog, gathered
     from rayseg.objects import write_objects
 
-    shards, large, region_rows = bigimage.plan(shards, cfg, bundle.card.num_classes)
+    shards, large, region_rows = bigimage.plan(shards, cfg, bundle.card)
     units = work_units(shards)
     images_url = storage.join(cfg.output, layout.IMAGES_DIR)
     pa_fs, images_path = storage.pyarrow_filesystem(images_url, so)
