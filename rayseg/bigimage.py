@@ -12,6 +12,7 @@ PNG, and how many regions were skipped as background.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import numpy as np
@@ -68,9 +69,7 @@ def plan(shards, cfg, card) -> tuple[list, list[dict], list[dict]]:
     candidates = [s for s in shards if s.kind == "image" and regions.is_candidate(s.url) and s.size >= MIN_PLAN_BYTES]
     if not candidates:
         return shards, [], []
-    try:
-        import zarr  # noqa: F401 - tifffile's region reads and the mask store both need it
-    except ImportError:
+    if importlib.util.find_spec("zarr") is None:  # tifffile's region reads and the mask store both need it
         log.warning("huge TIFFs are decoded whole (up to --max-pixels): reading them by region needs rayseg[wsi] (zarr)")
         return shards, [], []
     rp = region_plan(cfg)

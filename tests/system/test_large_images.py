@@ -50,7 +50,8 @@ def test_huge_image_regions_over_two_actors(ray_local, tmp_path, monkeypatch):
               actors="2", batch_size=8, objects=True, quiet=True)
     first = segment(output=str(tmp_path / "a"), **kw)
     second = segment(output=str(tmp_path / "b"), **kw)
-    assert first["images"] == 2 and first["errors"] == 0 and first["large_images"] == 1 and first["regions"] == (SIDE // REGION) ** 2
+    for summary in (first, second):
+        assert summary["images"] == 2 and summary["errors"] == 0 and summary["large_images"] == 1 and summary["regions"] == (SIDE // REGION) ** 2
 
     rows = read_table(str(tmp_path / "a")).to_table().to_pandas().set_index("image_id")
     big = rows.loc[[i for i in rows.index if i.endswith("slide.tif")][0]]
