@@ -1,11 +1,11 @@
 """Huge images by region: planning from the header and an overview, and reading one region's pixels.
 
-A tiled or pyramidal TIFF (OME-TIFF, SVS-like slides, BigTIFF) over the size threshold (`--region-pixels`), or
-any pyramid, is not decoded whole. Planning reads its IFDs and one low-resolution level only:
+A tiled or pyramidal TIFF (OME-TIFF, SVS-like slides saved as .tif, BigTIFF, GeoTIFF) over the size threshold
+(`--region-pixels`), or any pyramid, is not decoded whole. Planning reads its IFDs and one low-resolution level:
 - the level shapes (`--level` picks the one to segment);
 - a tissue mask: Otsu on the overview's grey values, tissue being the darker side, grown by a margin so no
-  tissue edge is lost; regions whose read window holds none of it are skipped and counted (`--background none`
-  keeps every region);
+  tissue edge is lost (a GeoTIFF: the pixels not at its nodata value); regions whose core holds none of it are
+  skipped and counted (`--background none` keeps every region);
 - image-wide intensity windows (the percentiles `auto` and `percentile` would take per image) from the overview,
   so every region of an image is normalised alike and normalisation makes no seam.
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from rayseg.tiling import tile_starts
 
-REGION_EXTENSIONS = (".tif", ".tiff", ".svs", ".btf", ".tf8")
+REGION_EXTENSIONS = (".tif", ".tiff")  # what discovery lists as image files (rayseg.storage.IMAGE_EXTS)
 OVERVIEW_MIN = 512  # the overview: the smallest level at least this long (a few hundred KB of tiles: planning reads little)
 OVERVIEW_SIDE = 2048  # ... read with a stride where even that level is longer than this (a flat image)
 TISSUE_MARGIN = 2  # overview pixels the tissue mask grows by: an edge that Otsu shaved off still keeps its region
