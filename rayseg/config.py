@@ -51,6 +51,13 @@ def _between(lo: float, hi: float, text: str) -> Callable[[str, Any], None]:
     return check
 
 
+def _multiple_of(n: int) -> Callable[[str, Any], None]:
+    def check(flag: str, value) -> None:
+        if value < n or value % n:
+            raise UserError(f"{flag} must be a multiple of {n}")
+    return check
+
+
 def _overlap(flag: str, value: float) -> None:
     if not 0 <= value < 1:
         raise UserError(f"{flag} must be in [0, 1)")
@@ -131,7 +138,17 @@ OPTIONS: dict[str, Option] = {
     # read
     "h5_key": Option(str, "images", "HDF5 dataset holding the images", rows=KEYED),
     "image_column": Option(str, "image", "Parquet column holding encoded image bytes", rows=KEYED),
-    "max_pixels": Option(int, 100_000_000, "refuse images with more pixels than this (decompression bombs)", _at_least(1), rows=KEYED),
+    "max_pixels": Option(int, 100_000_000, "refuse images with more pixels than this when decoded whole (decompression bombs); "
+                                           "huge images read by region are bounded by --max-regions instead", _at_least(1), rows=KEYED),
+    # huge images (rayseg.regions)
+    "region_pixels": Option(int, 8192 * 8192, "tiled or pyramidal TIFFs with more pixels than this, and every pyramid, are "
+                                              "segmented by region over the whole actor pool into a mask store", _at_least(1), rows=KEYED),
+    "region_size": Option(int, 1024, "side of a huge image's regions (a multiple of 64)", _multiple_of(64), rows=KEYED),
+    "level": Option(int, 0, "pyramid level of huge images to segment at (0: full resolution)", _at_least(0), rows=KEYED),
+    "max_regions": Option(int, 100_000, "a huge image needing more regions is an error row (absurd headers)", _at_least(1), rows=KEYED),
+    "cog": Option(bool, False, "huge GeoTIFFs: also write the mask as a COG beside its store, with their CRS (rayseg[geo])", rows=SAME),
+    "background": Option(str, "otsu", "regions of huge images to skip: otsu (no tissue: the bright side of Otsu's threshold "
+                                      "on an overview) or none", meta={"choices": ("otsu", "none")}, rows=KEYED),
     # labelled
     "data": Option(tuple[str, ...], (), "labelled data: HDF5/tar shards or folders with images/ and masks/"),
     "mask_key": Option(str, "masks", "HDF5 dataset holding the masks"),
@@ -230,6 +247,7 @@ READ = ("h5_key", "image_column", "max_pixels")
 LABELLED = ("data", "h5_key", "mask_key", "mask_mode", "max_pixels")
 PREDICT = ("batch_size", "device", "precision", "tile", "overlap", "tta", "compile", "intensity", "geometry")
 OUTPUT = ("output", "mask_format", "objects", "min_area", "overwrite")
+REGIONS = ("region_pixels", "region_size", "level", "max_regions", "background", "cog")
 
 
 def _check_options(cfg) -> None:
@@ -289,7 +307,7 @@ def _check_segment(cfg) -> None:
     _require("--output", cfg.output, "--output is required")
 
 
-SegmentConfig = compose("SegmentConfig", MODEL, ("inputs",), OUTPUT, STORAGE, READ, PREDICT, POOL, CLUSTER,
+SegmentConfig = compose("SegmentConfig", MODEL, ("inputs",), OUTPUT, STORAGE, READ, REGIONS, PREDICT, POOL, CLUSTER,
                         check=_check_segment, doc="`rayseg segment`: inputs, model, output, and how to run.")
 
 

@@ -245,7 +245,9 @@ class Inputs:
         self.mean, self.std = tuple(card.mean), tuple(card.std)
         self.dtypes = tuple(getattr(card, "input_dtypes", ()))  # an exported graph for 8-bit pixels takes only those
 
-    def one(self, img: np.ndarray, dtype: str | None = None) -> np.ndarray:
+    def one(self, img: np.ndarray, dtype: str | None = None, window: tuple | None = None) -> np.ndarray:
+        """`window`: per channel (low, high) measured beforehand (a huge image's overview), in place of this
+        image's own percentiles, so that every region of one image is normalised alike."""
         if img.ndim == 2:
             img = img[:, :, None]
         if dtype and img.dtype.name != dtype:
@@ -258,7 +260,11 @@ class Inputs:
         grey_to_rgb = c == 1 and self.channels == 3
         if c != self.channels and not grey_to_rgb:
             fit_channels(img, self.channels)  # raises, naming both counts
-        out = normalise(img, self.norm, self.mean[:1] if grey_to_rgb else self.mean, self.std[:1] if grey_to_rgb else self.std)
+        if window is not None:
+            lo, hi = (np.array(v, np.float32) for v in zip(*window))
+            out = _window_map(img, lo, hi)
+        else:
+            out = normalise(img, self.norm, self.mean[:1] if grey_to_rgb else self.mean, self.std[:1] if grey_to_rgb else self.std)
         return fit_channels(out, self.channels) if grey_to_rgb else out
 
     def __call__(self, images, dtypes, errors: list[str | None]) -> tuple[np.ndarray, list[str | None]]:

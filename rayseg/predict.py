@@ -23,7 +23,7 @@ from rayseg.decode import errors_of
 from rayseg.devices import HostFeed, nvidia_driver_version, resolve_device
 from rayseg.intensity import Inputs
 from rayseg.models import ModelBundle
-from rayseg.tiling import blended_bands, sliding_window
+from rayseg.tiling import blended_bands, core_logits, sliding_window
 
 log = logging.getLogger("rayseg")
 
@@ -278,6 +278,18 @@ class Predictor:
             if confmap is not None:
                 confmap[y0:y1] = self._confidence_map(c)
         return mask, total / (h * w), confmap
+
+    @torch.inference_mode()
+    def core(self, window: np.ndarray, origin: tuple[int, int], shape: tuple[int, int],
+             core: tuple[int, int, int, int]) -> tuple[np.ndarray, float]:
+        """One region of a huge image (rayseg.regions): the core's mask and confidence sum, from the image's
+        global tile grid (tiling.core_logits), so the mosaic of cores is the whole-image sliding window's mask.
+        `window` is already normalised (the image-wide window, not the region's own percentiles)."""
+        x, forward = self._tiles(window)
+        with self.lock:
+            lg = core_logits(x, origin, shape, core, self.opts.tile or self.size, self.opts.overlap, forward, self.batch_size)
+            mask, conf = mask_and_confidence(lg)
+            return mask.cpu().numpy(), conf.sum(dtype=torch.float64).item()
 
     def _segmented(self, lg: torch.Tensor) -> Segmented:
         with torch.inference_mode():

@@ -128,33 +128,49 @@ class Scan:
 
 
 # -- second pass: masks of the chosen rows, and their sources ---------------------------------------
-def read_masks(dataset, ids: list[str]) -> dict[str, np.ndarray]:
+def read_masks(dataset, ids: list[str], storage_options: dict | None = None) -> tuple[dict[str, np.ndarray], set[str]]:
+    """(image_id -> mask, the ids of huge images): a huge image's mask is a coarse level of its mask store."""
     import pyarrow.dataset as pads
     from rayseg.stats import decode_png, decode_rle
 
     if not ids:
-        return {}
-    cols = [c for c in ("image_id", "height", "width", "mask_png", "mask_rle") if c in dataset.schema.names]
+        return {}, set()
+    cols = [c for c in ("image_id", "height", "width", "mask_png", "mask_rle", "mask_url") if c in dataset.schema.names]
     table = dataset.to_table(columns=cols, filter=pads.field("image_id").isin(ids))
-    out = {}
+    out, huge = {}, set()
     for r in table.to_pylist():
-        if r.get("mask_png"):
+        if r.get("mask_url"):
+            from rayseg.maskstore import thumbnail
+
+            huge.add(r["image_id"])
+            try:
+                out[r["image_id"]] = thumbnail(r["mask_url"], storage_options, 2 * OVERLAY_SIDE)
+            except Exception as e:  # noqa: BLE001 - a store gone: the card says so
+                log.warning("report: the mask store %s is not readable (%s)", r["mask_url"], e)
+        elif r.get("mask_png"):
             out[r["image_id"]] = decode_png(r["mask_png"])
         elif r.get("mask_rle") is not None:
             out[r["image_id"]] = decode_rle(r["mask_rle"], r["height"], r["width"])
-    return out
+    return out, huge
 
 
-def read_sources(ids: list[str], storage_options: dict, h5_key: str, image_column: str) -> dict[str, np.ndarray | str]:
-    """image_id -> RGB image, or the reason it could not be read. Each shard is read once, up to its last wanted id."""
+def read_sources(ids: list[str], storage_options: dict, h5_key: str, image_column: str, huge: set[str] = frozenset()) -> dict[str, np.ndarray | str]:
+    """image_id -> RGB image, or the reason it could not be read. Each shard is read once, up to its last wanted id;
+    a huge image gives its overview level (rayseg.regions), never its whole pixels."""
     from rayseg.decode import decode
+    from rayseg.regions import thumbnail
     from rayseg.shards import read_shard
     from rayseg.storage import kind_of
 
     by_shard: dict[str, set[str]] = defaultdict(set)
-    for iid in ids:
-        by_shard[iid.partition("::")[0]].add(iid)
     out: dict[str, np.ndarray | str] = {}
+    for iid in huge:
+        try:
+            out[iid] = thumbnail(iid, storage_options)
+        except Exception as e:  # noqa: BLE001 - a source gone or changed: the overlay shows the mask alone
+            out[iid] = f"source not readable ({type(e).__name__}: {e})"
+    for iid in (i for i in ids if i not in huge):
+        by_shard[iid.partition("::")[0]].add(iid)
     for shard, wanted in by_shard.items():
         try:
             kind = kind_of(shard)
@@ -286,9 +302,9 @@ def report(cfg: ReportConfig) -> dict:
         scan.add(batch)
     groups = scan.groups()
     chosen = list(dict.fromkeys(i for _, ids in groups for i in ids))
-    masks = read_masks(dataset, chosen)
+    masks, huge = read_masks(dataset, chosen, so)
     conf = summary.get("config", {})
-    sources = read_sources(chosen, so, conf.get("h5_key", "images"), conf.get("image_column", "image"))
+    sources = read_sources(chosen, so, conf.get("h5_key", "images"), conf.get("image_column", "image"), huge)
 
     png_dir = Path(cfg.png) if cfg.png else None
     if png_dir:

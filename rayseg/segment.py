@@ -13,7 +13,7 @@ import contextlib
 
 import ray
 
-from rayseg import layout, progress, runtime, storage
+from rayseg import bigimage, layout, progress, runtime, storage
 from rayseg.cliutil import add_command, config_from, print_summary
 from rayseg.config import PredictConfig, SegmentConfig, public_config
 from rayseg.errors import UserError
@@ -44,11 +44,12 @@ class Segmenter:
     """
 
     def __init__(self, bundle, opts: PredictConfig, threads: int, confidence_map: bool, max_pixels: int, encode_kw: dict,
-                 report=None):
+                 report=None, storage_options: dict | None = None, regions: bool = False):
         from rayseg.predict import Predictor
 
         self.predictor = Predictor(bundle, opts, threads=threads, confidence_map=confidence_map, report=report)
         self.max_pixels, self.encode_kw = max_pixels, encode_kw
+        self.storage_options, self.regions = storage_options or {}, regions  # a run with huge images: region rows come too
         self.stamp = getattr(report, "stamp", None)  # a DeviceLog keeps when the first actor and batch were ready
         if self.stamp:
             self.stamp("predictor_ready")
@@ -56,14 +57,30 @@ class Segmenter:
     def __call__(self, batch: dict):
         from rayseg.decode import decode_batch
 
+        if self.regions:
+            batch = self.segment_regions(batch)
         out = progress.encode_stage(self.predictor(decode_batch(batch, self.max_pixels)), **self.encode_kw)
+        if self.regions:
+            out = bigimage.with_region_columns(out)
         if self.stamp:
             self.stamp("first_batch")
             self.stamp = None
         return out
 
+    def segment_regions(self, batch: dict) -> dict:
+        """Segments and writes the batch's region rows (they give no row: their image's row comes from its store);
+        the rest of the batch goes on."""
+        from rayseg.regions import Region
 
-def build_plan(cfg: SegmentConfig, units: list[dict], bundle, counter=None, devices=None):
+        taken = bigimage.region_rows(batch)
+        for i in taken:
+            bigimage.segment_region(self.predictor, Region.from_bytes(batch["data"][i]), self.storage_options,
+                                    self.encode_kw["num_classes"])
+        keep = [i for i in range(len(batch["image_id"])) if i not in set(taken)]
+        return {k: v[keep] for k, v in batch.items()} if taken else batch
+
+
+def build_plan(cfg: SegmentConfig, units: list[dict], bundle, counter=None, devices=None, region_rows: list[dict] = ()):
     """The whole Ray Data plan as one dataset of output rows (pyarrow tables with stats.SCHEMA).
 
     GPU: read (tasks) -> decode + predict + encode (`Segmenter`, one actor per GPU, --cpus-per-gpu calls at once).
@@ -71,6 +88,7 @@ def build_plan(cfg: SegmentConfig, units: list[dict], bundle, counter=None, devi
     With --objects the rows carry an extra `objects` column; `counter` (a progress.Counter) gets what the
     read and encode stages finish; `devices` (a rayseg.devices.DeviceLog) what each predictor actor runs with.
     The predictor runs where the plan put it: on GPU actors CUDA or an EnvError, never a quiet fall back to CPU.
+    `region_rows` (rayseg.bigimage.plan) join the read rows before the pool: one pool takes both kinds.
     """
     from rayseg.predict import CPU_BATCH_SIZE, MAX_AUTO_BATCH_SIZE
 
@@ -80,13 +98,20 @@ def build_plan(cfg: SegmentConfig, units: list[dict], bundle, counter=None, devi
     opts, compute, resources, threads = runtime.predictor_plan(cfg, batches)
     # rows per call of each stage; with an automatic batch size a GPU actor gets the most it may choose and splits it
     rows = cfg.batch_size or (MAX_AUTO_BATCH_SIZE if opts.device == "cuda" else CPU_BATCH_SIZE)
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
-    read_kw = {"storage_options": cfg.storage_options, "h5_key": cfg.h5_key, "image_column": cfg.image_column, "counter": counter}
-    ds = ds.map_batches(progress.read_stage, batch_size=1, fn_kwargs=read_kw, num_cpus=runtime.READ_CPUS)
+    if region_rows:  # a region is many tiles: small batches, so that even one image's regions reach every actor
+        rows = max(1, min(rows, len(region_rows) // (2 * getattr(compute, "max_size", 1))))
+    parts = []
+    if units:
+        ds = ray.data.from_items(units, override_num_blocks=len(units))
+        read_kw = {"storage_options": cfg.storage_options, "h5_key": cfg.h5_key, "image_column": cfg.image_column, "counter": counter}
+        parts.append(ds.map_batches(progress.read_stage, batch_size=1, fn_kwargs=read_kw, num_cpus=runtime.READ_CPUS))
+    if region_rows:
+        parts.append(ray.data.from_items(list(region_rows), override_num_blocks=len(region_rows)))
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     encode_kw = {"num_classes": bundle.card.num_classes, "mask_format": cfg.mask_format, "objects": cfg.objects,
                  "min_area": cfg.min_area, "counter": counter}
-    return ds.map_batches(Segmenter, batch_size=rows, fn_constructor_args=(bundle, opts, threads, cfg.objects, cfg.max_pixels, encode_kw, devices),
-                          compute=compute, **resources)
+    args = (bundle, opts, threads, cfg.objects, cfg.max_pixels, encode_kw, devices, cfg.storage_options, bool(region_rows))
+    return ds.map_batches(Segmenter, batch_size=rows, fn_constructor_args=args, compute=compute, **resources)
 
 
 def count_output(url: str, storage_options: dict) -> tuple[int, int, list[dict]]:
@@ -140,14 +165,22 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
     from rayseg.devices import DeviceLog, gathered
     from rayseg.objects import write_objects
 
+    shards, large, region_rows = bigimage.plan(shards, cfg, bundle.card)
     units = work_units(shards)
     images_url = storage.join(cfg.output, layout.IMAGES_DIR)
     pa_fs, images_path = storage.pyarrow_filesystem(images_url, so)
     reporter = progress.Reporter(len(units)) if progress.wants_log_lines(cfg.quiet) else None
     with reporter or contextlib.nullcontext():
         with gathered(DeviceLog()) as device_log:
-            plan = build_plan(cfg, units, bundle, reporter and reporter.counter, device_log)
-            plan.write_parquet(images_path, filesystem=pa_fs, ray_remote_args=runtime.WRITE_ARGS)
+            if units or region_rows:  # none: every file was a huge image, with all regions skipped or an error
+                plan = build_plan(cfg, units, bundle, reporter and reporter.counter, device_log, region_rows)
+                plan.write_parquet(images_path, filesystem=pa_fs, ray_remote_args=runtime.WRITE_ARGS)
+            if large:  # every region is written: each huge image's row, from its store
+                image_kw = {"storage_options": so, "model": bundle.label, "objects": cfg.objects, "min_area": cfg.min_area,
+                            "cog": cfg.cog}
+                rows_of_large = ray.data.from_items(large, override_num_blocks=len(large))
+                rows_of_large.map_batches(bigimage.image_rows, batch_size=1, fn_kwargs=image_kw, num_cpus=runtime.READ_CPUS) \
+                    .write_parquet(images_path, filesystem=pa_fs, ray_remote_args=runtime.WRITE_ARGS)
             devices = device_log.devices()
             clock.at(device_log.stamps())
         clock.mark("written")
@@ -164,6 +197,8 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
         "objects_table": objects_url,
         "shards": len(shards),
         "images": rows,
+        "large_images": len(large),
+        "regions": len(region_rows),
         "rows": rows,
         "errors": errors,
         "error_examples": examples,

@@ -36,6 +36,54 @@ def gaussian_weight(h: int, w: int, device: torch.device) -> torch.Tensor:
     return wgt.clamp_min(1e-3)
 
 
+def tile_boxes(h: int, w: int, tile: int, overlap: float) -> list[tuple[int, int]]:
+    """The image's one global tile grid: top-left corners (y, x) in row-major order, the order tiles are blended in."""
+    th, tw = min(tile, h), min(tile, w)
+    return [(y, x) for y in tile_starts(h, th, overlap) for x in tile_starts(w, tw, overlap)]
+
+
+def run_tiles(forward: Callable[[torch.Tensor], torch.Tensor], tiles: list[torch.Tensor], width: int) -> torch.Tensor:
+    """`forward` on exactly `width` tiles (a short batch padded with copies of its last tile), the logits of `tiles`.
+
+    A tile's logits then never depend on the batch it ran in: CPU kernels pick their blocking by batch size, and a
+    different pick changes the last bits, which can flip an argmax. The whole-image window and a region of the
+    image batch their tiles differently, and must still agree to the bit."""
+    n = len(tiles)
+    out = forward(torch.cat(tiles + tiles[-1:] * (width - n)))
+    return out[:n] if width > n else out
+
+
+@torch.inference_mode()
+def core_logits(window: torch.Tensor, origin: tuple[int, int], shape: tuple[int, int], core: tuple[int, int, int, int],
+                tile: int, overlap: float, forward: Callable[[torch.Tensor], torch.Tensor], batch_size: int) -> torch.Tensor:
+    """Blended logits (K, y1 - y0, x1 - x0) of one core (y0, y1, x0, x1) of an image of `shape`, from `window`
+    (C, h, w or 1, C, h, w): the image's pixels from `origin` (y, x), covering every tile that touches the core.
+
+    The tiles are the whole image's grid (tile_boxes), those touching the core, in the same row-major order and
+    batched as wide (run_tiles): each core pixel sums the same tile logits in the same order as blended_bands
+    over the whole image, so a mosaic of cores is that sliding window's result, bit for bit."""
+    x = window if window.dim() == 4 else window[None]
+    (h, w), (y0, y1, x0, x1), (oy, ox) = shape, core, origin
+    th, tw = min(tile, h), min(tile, w)
+    every = tile_boxes(h, w, tile, overlap)
+    boxes = [(y, xx) for y, xx in every if y < y1 and y + th > y0 and xx < x1 and xx + tw > x0]
+    width = min(batch_size, len(every))
+    acc = norm = wgt = None
+    for i in range(0, len(boxes), batch_size):
+        part = boxes[i : i + batch_size]
+        out = run_tiles(forward, [x[:, :, y - oy : y - oy + th, xx - ox : xx - ox + tw] for y, xx in part], width)
+        if acc is None:
+            wgt = gaussian_weight(th, tw, out.device)
+            acc = torch.zeros((out.shape[1], x.shape[-2], x.shape[-1]), device=out.device)
+            norm = torch.zeros((1, x.shape[-2], x.shape[-1]), device=out.device)
+        for (y, xx), lg in zip(part, out):
+            acc[:, y - oy : y - oy + th, xx - ox : xx - ox + tw].addcmul_(lg, wgt)
+            norm[:, y - oy : y - oy + th, xx - ox : xx - ox + tw] += wgt
+        del out
+    ys, xs = slice(y0 - oy, y1 - oy), slice(x0 - ox, x1 - ox)
+    return acc[:, ys, xs] / norm[:, ys, xs]
+
+
 @torch.inference_mode()
 def blended_bands(image: torch.Tensor, tile: int, overlap: float, forward: Callable[[torch.Tensor], torch.Tensor],
                   batch_size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -48,12 +96,13 @@ def blended_bands(image: torch.Tensor, tile: int, overlap: float, forward: Calla
     x = image if image.dim() == 4 else image[None]
     h, w = x.shape[-2:]
     th, tw = min(tile, h), min(tile, w)
-    boxes = [(y, xx) for y in tile_starts(h, th, overlap) for xx in tile_starts(w, tw, overlap)]
+    boxes = tile_boxes(h, w, tile, overlap)
+    width = min(batch_size, len(boxes))
     wgt = acc = norm = None
     top, rows = 0, 0  # acc[:, :rows] and norm[:, :rows] hold image rows [top, top + rows)
     for i in range(0, len(boxes), batch_size):
         part = boxes[i : i + batch_size]
-        out = forward(torch.cat([x[:, :, y : y + th, xx : xx + tw] for y, xx in part]))
+        out = run_tiles(forward, [x[:, :, y : y + th, xx : xx + tw] for y, xx in part], width)
         if wgt is None:  # the device and the class count are known once the model has answered
             wgt = gaussian_weight(th, tw, out.device)
             acc = torch.empty((out.shape[1], 0, w), device=out.device)

@@ -20,6 +20,7 @@ FLOWS = {
     "node-removed": "a worker node removed mid-run",
     "bad-inputs": "a corpus of broken files: one error row each",
     "large-image": "a large image tiled in bounded memory",
+    "large-image-regions": "a huge image's regions over two actors: a mask store equal to one sliding window, twice alike",
     "secrets": "credentials never reach logs, summaries or output",
     "two-node-cluster": "jobs on a real two-node `ray start` cluster with token auth",
     "job-submit": "`ray job submit` entrypoints",

@@ -1,0 +1,159 @@
+"""Huge images through `rayseg segment`: plan their regions, segment regions in the actor pool, then one row each.
+
+    plan (Ray tasks, headers and overviews only) -> region rows, mixed with the ordinary rows into the pool
+    -> each region: read its window, normalise it image-wide, segment its core on the global tile grid, write
+       its chunks and its record into the image's mask store (rayseg.maskstore)
+    -> once all are written: one output row per image, from its store (image_rows)
+
+A region row travels as an ordinary read row (`format` "region", `data` the region's JSON), so one actor pool
+takes both kinds and no stage needs a second schema. The image's row carries the URL of its store instead of a
+PNG, and how many regions were skipped as background.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from rayseg import maskstore, regions, storage
+from rayseg.shards import error_reason
+
+log = logging.getLogger("rayseg")
+
+PLAN_FILES = 8  # files whose headers one planning task reads: a header is a few ranged reads, an overview a few MB
+MIN_PLAN_BYTES = 1 << 20  # smaller TIFFs are not planned: no image worth regions fits in 1 MiB, and many small files skip a pass
+
+
+def plan_files(urls: list[str], storage_options: dict, plan: regions.RegionPlan, intensity: str, output: str,
+               num_classes: int) -> list[dict | None]:
+    """For each file: None (the ordinary path), or {"image_id", "store", "regions": region row dicts}. The
+    image's store is created here, empty, so the actors only write chunks into it."""
+    out = []
+    for url in urls:
+        try:
+            planned = regions.plan_image(url, storage_options, plan, intensity)
+        except Exception as e:  # noqa: BLE001 - not a TIFF tifffile can plan: the ordinary path reads it and says why
+            log.debug("planning %s by region failed (%s); it takes the ordinary path", url, e)
+            planned = None
+        if planned is None:
+            out.append(None)
+            continue
+        store = maskstore.store_url(output, url)
+        shape = tuple(planned.get("shape") or planned["head"]["levels"][0])
+        attrs = {"image_id": url, "level": planned["level"], "shape": list(shape), "levels": planned["head"]["levels"],
+                 "num_classes": num_classes, "region_size": plan.region_size, "regions": len(planned["regions"]),
+                 "skipped": planned["skipped"], "error": planned["error"], "intensity_window": planned["window"],
+                 "geo": planned["head"]["geo"]}
+        maskstore.create(store, storage_options, shape, plan.region_size, attrs)
+        window = None if planned["window"] is None else tuple(tuple(v) for v in planned["window"])
+        rows = [] if planned["error"] else [
+            {"image_id": url, "source": url, "shard": url, "format": "region", "error": None,
+             "data": regions.Region(url, store, planned["level"], shape, tuple(r["core"]), tuple(r["window"]), window).to_bytes()}
+            for r in planned["regions"]]
+        out.append({"image_id": url, "store": store, "regions": rows})
+    return out
+
+
+def plan(shards, cfg, card) -> tuple[list, list[dict], list[dict]]:
+    """(the shards left to the ordinary path, the huge images [{image_id, store}], their region rows).
+
+    Runs the planning in Ray tasks, PLAN_FILES files each; only tiled or pyramidal TIFFs over the threshold, or
+    pyramids, leave the ordinary path. `card` (the model's) says the classes and the normalisation to measure for."""
+    import ray
+
+    from rayseg.intensity import effective
+
+    candidates = [s for s in shards if s.kind == "image" and regions.is_candidate(s.url) and s.size >= MIN_PLAN_BYTES]
+    if not candidates:
+        return shards, [], []
+    if importlib.util.find_spec("zarr") is None:  # tifffile's region reads and the mask store both need it
+        log.warning("huge TIFFs are decoded whole (up to --max-pixels): reading them by region needs rayseg[wsi] (zarr)")
+        return shards, [], []
+    rp = region_plan(cfg)
+    task = ray.remote(num_cpus=1)(plan_files)
+    groups = [candidates[i : i + PLAN_FILES] for i in range(0, len(candidates), PLAN_FILES)]
+    so = cfg.storage_options
+    spec = effective(card.intensity, cfg.intensity)
+    results = ray.get([task.remote([s.url for s in g], so, rp, spec, cfg.output, card.num_classes) for g in groups])
+    large, rows = [], []
+    for group, planned in zip(groups, results):
+        for shard, p in zip(group, planned):
+            if p is not None:
+                large.append({"image_id": shard.url, "store": p["store"]})
+                rows += p["regions"]
+    taken = {x["image_id"] for x in large}
+    if large:
+        log.info("%d huge image(s) go by region: %d regions to segment", len(large), len(rows))
+    return [s for s in shards if s.url not in taken], large, rows
+
+
+def region_plan(cfg) -> regions.RegionPlan:
+    from rayseg.models import DEFAULT_INPUT_SIZE
+
+    return regions.RegionPlan(region_pixels=cfg.region_pixels, region_size=cfg.region_size, level=cfg.level,
+                              max_regions=cfg.max_regions, background=cfg.background,
+                              tile=cfg.tile or cfg.input_size or DEFAULT_INPUT_SIZE, overlap=cfg.overlap)
+
+
+def segment_region(predictor, region: regions.Region, storage_options: dict, num_classes: int) -> None:
+    """Read, normalise, segment and write one region; a failure is written as the region's record, so the
+    image's row says what went wrong."""
+    record: dict = {"core": list(region.core), "error": None}
+    try:
+        img = predictor.inputs.one(regions.read_window(region, storage_options), None, region.intensity_window)
+        mask, conf_sum = predictor.core(img, (region.window[0], region.window[2]), region.shape, region.core)
+        record.update(class_pixels=np.bincount(mask.ravel(), minlength=num_classes)[:num_classes].tolist(),
+                      confidence_sum=conf_sum, pixels=int(mask.size))
+    except Exception as e:  # noqa: BLE001 - this region's error; the image's row carries it
+        log.warning("region %s of %s failed: %s", region.key, region.url, error_reason(e))
+        record["error"] = f"region at y={region.core[0]}, x={region.core[2]}: {error_reason(e)}"
+        storage.retry(maskstore.write_record, region.store, storage_options, region.core, record, what="writing a region's record")
+        return
+    storage.retry(maskstore.write_region, region.store, storage_options, region.core, mask, record, what="writing a region")
+
+
+def region_rows(batch: dict[str, np.ndarray]) -> list[int]:
+    return [i for i, f in enumerate(batch.get("format", ())) if f == "region"]
+
+
+REGION_FIELDS = (("mask_url", pa.string()), ("regions_skipped", pa.int32()))
+
+
+def with_region_columns(table: pa.Table) -> pa.Table:
+    """The two columns of a run with huge images, null on the ordinary rows."""
+    for name, typ in REGION_FIELDS:
+        table = table.append_column(pa.field(name, typ), pa.nulls(table.num_rows, typ))
+    return table
+
+
+def image_rows(batch: dict[str, np.ndarray], storage_options: dict, model: str, objects: bool, min_area: int = 0,
+               cog: bool = False) -> pa.Table:
+    """Ray Data stage: huge images' stores -> their output rows (stats.SCHEMA, the region columns, and with
+    --objects the image's objects, merged across region borders, in level-0 pixels). With `cog`, a GeoTIFF's
+    mask is also written as a COG beside its store (rayseg.geo)."""
+    from rayseg.stats import SCHEMA
+
+    rows = []
+    for store, image_id in zip(batch["store"], batch["image_id"]):
+        r = maskstore.image_row(str(store), storage_options, objects, min_area)
+        r["model"] = model
+        if cog and r["error"] is None and maskstore.attributes(str(store), storage_options).get("geo"):
+            from rayseg.geo import write_cog
+
+            try:
+                write_cog(str(store), str(image_id), storage_options)
+            except Exception as e:  # noqa: BLE001 - the mask is in its store; the export's failure is this row's error
+                r["error"] = f"the COG export failed ({error_reason(e)})"
+        rows.append(r)
+    cols = {f.name: [r.get(f.name) for r in rows] for f in SCHEMA}
+    table = pa.table(cols, schema=SCHEMA)
+    if objects:
+        from rayseg.objects import OBJECTS_TYPE
+
+        table = table.append_column("objects", pa.array([r.get("objects") for r in rows], OBJECTS_TYPE))
+    for name, typ in REGION_FIELDS:
+        table = table.append_column(pa.field(name, typ), pa.array([r.get(name) for r in rows], typ))
+    return table

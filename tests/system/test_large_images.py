@@ -1,0 +1,81 @@
+"""A huge image through `rayseg segment`: its regions spread over two actors beside an ordinary image, the mask
+store equals the one-actor sliding window, two runs taking regions in different orders write identical stores, and
+its objects, merged across region borders, are OpenCV's on the whole mask."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import png_bytes
+from large_images import balanced, ihc, tiled_picture, write_pyramid
+from rayseg import bigimage, maskstore, segment
+from rayseg.config import PredictConfig, ReportConfig
+from rayseg.models import ModelCard, load_bundle, save_checkpoint
+from rayseg.predict import Predictor
+from rayseg.report import report
+from rayseg.table import read_table
+
+SIDE, TILE, REGION = 1536, 256, 512
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.flow("large-image-regions")
+def test_huge_image_regions_over_two_actors(ray_local, tmp_path, monkeypatch):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    img = tiled_picture(SIDE)
+    write_pyramid(inputs / "slide.tif", img, levels=3)
+    (inputs / "small.png").write_bytes(png_bytes(ihc()[:200, :300]))
+    ckpt = str(tmp_path / "ckpt")
+    save_checkpoint(balanced("lraspp_mobilenet_v3_large"), ModelCard("lraspp_mobilenet_v3_large", 2, input_size=TILE), ckpt)
+
+    plan, order = bigimage.plan, random.Random(0)
+
+    def shuffled(*args):  # each run hands its regions to the pool in another order
+        shards, large, rows = plan(*args)
+        return shards, large, order.sample(rows, len(rows))
+
+    monkeypatch.setattr(bigimage, "plan", shuffled)
+    kw = dict(inputs=(str(inputs),), checkpoint=ckpt, tile=TILE, overlap=0.25, region_size=REGION, background="none",
+              actors="2", batch_size=8, objects=True, quiet=True)
+    first = segment(output=str(tmp_path / "a"), **kw)
+    second = segment(output=str(tmp_path / "b"), **kw)
+    for summary in (first, second):
+        assert summary["images"] == 2 and summary["errors"] == 0 and summary["large_images"] == 1 and summary["regions"] == (SIDE // REGION) ** 2
+
+    rows = read_table(str(tmp_path / "a")).to_table().to_pandas().set_index("image_id")
+    big = rows.loc[[i for i in rows.index if i.endswith("slide.tif")][0]]
+    small = rows.loc[[i for i in rows.index if i.endswith("small.png")][0]]
+    assert big["mask_png"] is None and big["mask_url"].endswith(".zarr") and big["regions_skipped"] == 0
+    assert small["mask_png"] is not None and pd.isna(small["mask_url"])
+    assert (big["height"], big["width"]) == (SIDE, SIDE) and sum(big["class_pixels"]) == SIDE * SIDE
+
+    stores_a, stores_b = files_of(tmp_path / "a" / "masks"), files_of(tmp_path / "b" / "masks")
+    assert stores_a.keys() == stores_b.keys() and all(stores_a[k] == stores_b[k] for k in stores_a), "identical stores"
+    assert any("/c/" in k for k in stores_a)
+
+    torch.set_num_threads(1)  # as each actor runs
+    reference, _, _ = Predictor(load_bundle(ckpt), PredictConfig(tile=TILE, overlap=0.25, batch_size=8), threads=1).tiled(img)
+    mask = maskstore.read_mask(big["mask_url"])
+    assert 0.1 < reference.mean() < 0.9 and int((mask != reference).sum()) == 0
+    assert list(big["class_pixels"]) == np.bincount(reference.ravel(), minlength=2).tolist()
+    n, _, stats, _ = cv2.connectedComponentsWithStats((reference == 1).astype(np.uint8), connectivity=8)
+    objects = read_table(str(tmp_path / "a"), table="objects").to_table().to_pandas()
+    mine = objects[objects["image_id"] == big.name]
+    assert len(mine) == n - 1 == big["num_components"][1]
+    assert sorted(mine["area"]) == sorted(stats[1:, cv2.CC_STAT_AREA].tolist())
+
+    # the report overlays a coarse level of the store on the slide's overview, never reading either whole
+    page = report(ReportConfig(output=str(tmp_path / "a"), html=str(tmp_path / "report.html")))
+    html = (tmp_path / "report.html").read_text()
+    assert page["overlays"] == 2 and "slide.tif" in html and "not readable" not in html
