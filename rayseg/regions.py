@@ -49,7 +49,7 @@ def is_candidate(url: str) -> bool:
     return url.lower().endswith(REGION_EXTENSIONS)
 
 
-PLAN_BLOCK = 256 * 1024  # bytes an object store fetches at a time while planning: IFDs and an overview's tiles are small
+PLAN_BLOCK = 32 * 1024  # bytes an object store fetches at a time while planning: each level's IFD lies apart (a fetch each), an overview's tiles are small
 READ_BLOCK = 4 * 1024 * 1024  # ... while reading a region: its tiles lie in a few long runs of the file
 
 

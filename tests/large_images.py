@@ -62,3 +62,54 @@ def balanced(architecture: str) -> torch.nn.Module:
         return balance(model, model.head.bias, sample)
     model = build_model(architecture, 2).eval()
     return balance(model, model.model.classifier.high_classifier.bias, sample)
+
+
+GLASS = (236, 236, 232)  # a bright-field slide's empty glass: near white, as scanners see it
+LAYOUT_SCALE = 16  # level-0 pixels per cell of a slide's tissue layout: tissue edges fall inside overview pixels
+
+
+def slide_layout(side: int, seed: int = 0) -> np.ndarray:
+    """Boolean (side // 16, side // 16): where a procedural slide has tissue, a few ellipses of tissue sections
+    near its middle covering about 35% of it, the rest glass. Tissue at level-0 pixel (y, x) is layout[y // 16, x // 16]."""
+    n = side // LAYOUT_SCALE
+    rng = np.random.default_rng(seed)
+    layout = np.zeros((n, n), np.uint8)
+    while layout.mean() < 0.35:
+        centre = (int(rng.integers(n // 4, n - n // 4)), int(rng.integers(n // 4, n - n // 4)))
+        axes = (int(rng.integers(n // 8, n // 4)), int(rng.integers(n // 8, n // 4)))
+        cv2.ellipse(layout, centre, axes, float(rng.integers(0, 180)), 0, 360, 1, -1)
+    return layout.astype(bool)
+
+
+def slide_tile(layout: np.ndarray, level: int, y0: int, x0: int, tile: int) -> np.ndarray:
+    """The (tile, tile, 3) pixels at (y0, x0) of `level` of the slide: ihc where the layout has tissue, glass
+    with a little noise elsewhere; a level k pixel is level 0's pixel at (y << k, x << k), as write_pyramid strides."""
+    ys = (np.arange(y0, y0 + tile) << level)[:, None]
+    xs = (np.arange(x0, x0 + tile) << level)[None, :]
+    side = layout.shape[0] * LAYOUT_SCALE
+    ys, xs = np.minimum(ys, side - 1), np.minimum(xs, side - 1)
+    tissue = layout[ys // LAYOUT_SCALE, xs // LAYOUT_SCALE]
+    out = ihc()[ys % 512, xs % 512]
+    glass = np.asarray(GLASS, np.int16) + ((ys * 7 + xs * 13) % 5 - 2)[..., None]  # deterministic noise of +-2
+    return np.where(tissue[..., None], out, glass.astype(np.uint8))
+
+
+def write_slide(path, side: int, seed: int = 0, tile: int = 256, overview: int = 512, quality: int = 80) -> tuple[str, np.ndarray]:
+    """(path, tissue layout): an SVS-like pyramid of side x side written tile by tile (JPEG tiles, an Aperio-style
+    description with MPP = 0.25), never held whole in memory; levels halve down to `overview` pixels."""
+    layout = slide_layout(side, seed)
+    levels = max(1, int(np.log2(side // overview)) + 1)
+
+    def tiles(level: int):
+        n = side >> level
+        for y in range(0, n, tile):
+            for x in range(0, n, tile):
+                yield slide_tile(layout, level, y, x, tile)
+
+    desc = f"Aperio Image Library v12.0.0\r\n{side}x{side} [0,0 {side}x{side}] ({tile}x{tile}) JPEG Q={quality}|AppMag = 40|MPP = 0.25"
+    with tifffile.TiffWriter(path, bigtiff=side * side * 3 > 2**31) as tw:
+        opts = {"tile": (tile, tile), "compression": "jpeg", "compressionargs": {"level": quality}, "photometric": "rgb", "dtype": np.uint8}
+        tw.write(tiles(0), shape=(side, side, 3), subifds=levels - 1, description=desc, **opts)
+        for k in range(1, levels):
+            tw.write(tiles(k), shape=(side >> k, side >> k, 3), subfiletype=1, **opts)
+    return str(path), layout
