@@ -93,7 +93,7 @@ def plan(shards, cfg, card) -> tuple[list, list[dict], list[dict]]:
 def region_plan(cfg) -> regions.RegionPlan:
     from rayseg.models import DEFAULT_INPUT_SIZE
 
-    return regions.RegionPlan(region_pixels=cfg.region_pixels, region_size=cfg.region_size, level=cfg.level,
+    return regions.RegionPlan(region_pixels=cfg.region_pixels, region_size=cfg.region_size, level=cfg.level, mpp=cfg.mpp,
                               max_regions=cfg.max_regions, background=cfg.background,
                               tile=cfg.tile or cfg.input_size or DEFAULT_INPUT_SIZE, overlap=cfg.overlap)
 

@@ -145,6 +145,9 @@ OPTIONS: dict[str, Option] = {
                                               "segmented by region over the whole actor pool into a mask store", _at_least(1), rows=KEYED),
     "region_size": Option(int, 1024, "side of a huge image's regions (a multiple of 64)", _multiple_of(64), rows=KEYED),
     "level": Option(int, 0, "pyramid level of huge images to segment at (0: full resolution)", _at_least(0), rows=KEYED),
+    "mpp": Option(float | None, None, "huge images: segment the pyramid level closest to this many microns per pixel "
+                                      "(from the file's metadata; an image without it is an error row), in place of --level",
+                  _between(0.01, 1000, "between 0.01 and 1000 microns"), rows=KEYED),
     "max_regions": Option(int, 100_000, "a huge image needing more regions is an error row (absurd headers)", _at_least(1), rows=KEYED),
     "cog": Option(bool, False, "huge GeoTIFFs: also write the mask as a COG beside its store, with their CRS (rayseg[geo])", rows=SAME),
     "background": Option(str, "otsu", "regions of huge images to skip: otsu (no tissue: the bright side of Otsu's threshold "
@@ -247,7 +250,7 @@ READ = ("h5_key", "image_column", "max_pixels")
 LABELLED = ("data", "h5_key", "mask_key", "mask_mode", "max_pixels")
 PREDICT = ("batch_size", "device", "precision", "tile", "overlap", "tta", "compile", "intensity", "geometry")
 OUTPUT = ("output", "mask_format", "objects", "min_area", "overwrite")
-REGIONS = ("region_pixels", "region_size", "level", "max_regions", "background", "cog")
+REGIONS = ("region_pixels", "region_size", "level", "mpp", "max_regions", "background", "cog")
 
 
 def _check_options(cfg) -> None:

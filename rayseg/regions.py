@@ -25,7 +25,7 @@ import numpy as np
 
 from rayseg.tiling import tile_starts
 
-REGION_EXTENSIONS = (".tif", ".tiff")  # what discovery lists as image files (rayseg.storage.IMAGE_EXTS)
+REGION_EXTENSIONS = (".tif", ".tiff", ".svs", ".ndpi")  # files planned by region (.ome.tif ends in .tif); all in rayseg.storage.IMAGE_EXTS
 OVERVIEW_MIN = 512  # the overview: the smallest level at least this long (a few hundred KB of tiles: planning reads little)
 OVERVIEW_SIDE = 2048  # ... read with a stride where even that level is longer than this (a flat image)
 TISSUE_MARGIN = 2  # overview pixels the tissue mask grows by: an edge that Otsu shaved off still keeps its region
@@ -39,6 +39,7 @@ class RegionPlan:
     region_pixels: int = 8192 * 8192
     region_size: int = 1024
     level: int = 0
+    mpp: float | None = None  # microns per pixel asked for: the level closest to it, in place of `level`
     max_regions: int = 100_000
     background: str = "otsu"
     tile: int = 256
@@ -89,6 +90,37 @@ def header(tif) -> dict:
     return {"axes": series.axes, "dtype": str(series.dtype), "levels": [list(yx_shape(lv.shape, series.axes)) for lv in series.levels],
             "tiled": bool(tif.pages[0].is_tiled), "geo": 34735 in tags,  # GeoKeyDirectoryTag: a GeoTIFF
             "nodata": float(str(nodata).strip("\x00 ")) if nodata not in (None, "") else None}
+
+
+def base_mpp(tif) -> float | None:
+    """Microns per level-0 pixel from the file's metadata: an Aperio description's `MPP = `, OME-XML's
+    PhysicalSizeX (in µm), or a resolution in pixels per centimetre (NDPI and others; per inch is left alone, as
+    most photos carry a nominal 72 or 300 dpi). None where the file says nothing."""
+    import re
+
+    page = tif.pages[0]
+    m = re.search(r"\bMPP\s*=\s*([0-9.]+)", page.description or "")
+    if m is None and tif.is_ome:
+        m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
+        if m and re.search(r'PhysicalSizeXUnit="(?!µm|um)', tif.ome_metadata):  # another unit: not converted, not trusted
+            m = None
+    if m is not None:
+        value = float(m.group(1))
+        return value if value > 0 else None
+    res, unit = page.tags.valueof(282), page.tags.valueof(296, 2)  # XResolution, ResolutionUnit
+    if unit == 3 and res and res[0] and res[1]:
+        return 1e4 * res[1] / res[0]
+    return None
+
+
+def level_for_mpp(tif, head: dict, mpp: float) -> tuple[int, str | None]:
+    """(the level whose microns per pixel is closest to `mpp`, by ratio; an error sentence where the file has none)."""
+    base = base_mpp(tif)
+    if base is None:
+        return 0, f"--mpp {mpp:g} asked, but the image carries no microns per pixel (use --level)"
+    width0 = head["levels"][0][1]
+    ratios = [abs(math.log(base * width0 / w / mpp)) for _, w in head["levels"]]
+    return ratios.index(min(ratios)), None
 
 
 def takes_region_path(head: dict, plan: RegionPlan) -> bool:
@@ -174,15 +206,18 @@ def plan_image(url: str, storage_options: dict | None, plan: RegionPlan, intensi
         head = header(tif)
         if not takes_region_path(head, plan):
             return None
-        out = {"head": head, "level": plan.level, "regions": [], "skipped": 0, "window": None, "error": None}
-        if plan.level >= len(head["levels"]):
+        level, error = (plan.level, None) if plan.mpp is None else level_for_mpp(tif, head, plan.mpp)
+        out = {"head": head, "level": level, "regions": [], "skipped": 0, "window": None, "error": error}
+        if error:
+            return out
+        if level >= len(head["levels"]):
             out["error"] = f"--level {plan.level} asked, but the image has {len(head['levels'])} level(s)"
             return out
-        shape = tuple(head["levels"][plan.level])
+        shape = tuple(head["levels"][level])
         out["shape"] = list(shape)
         boxes = cores(shape, plan.region_size)
         if len(boxes) > plan.max_regions:
-            out["error"] = (f"image is {shape[1]}x{shape[0]} at level {plan.level}: {len(boxes):,} regions of {plan.region_size}, "
+            out["error"] = (f"image is {shape[1]}x{shape[0]} at level {level}: {len(boxes):,} regions of {plan.region_size}, "
                             f"over the limit of {plan.max_regions:,} (--max-regions)")
             return out
         small, lv = overview(tif, head)

@@ -17,7 +17,7 @@ from rayseg.errors import UserError
 
 log = logging.getLogger("rayseg")
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".svs", ".ndpi")  # slides: TIFF inside
 SHARD_KINDS = {".tar": "tar", ".h5": "h5", ".hdf5": "h5", ".parquet": "parquet", **{e: "image" for e in IMAGE_EXTS}}
 
 
