@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from rayseg import slides
 from rayseg.tiling import tile_starts
 
 REGION_EXTENSIONS = (".tif", ".tiff", ".svs", ".ndpi")  # files planned by region (.ome.tif ends in .tif); all in rayseg.storage.IMAGE_EXTS
@@ -55,15 +56,18 @@ READ_BLOCK = 4 * 1024 * 1024  # ... while reading a region: its tiles lie in a f
 
 
 def open_tiff(url: str, storage_options: dict | None, block_size: int = READ_BLOCK):
-    """(fsspec file, tifffile.TiffFile): the file is read lazily, range by range, on any fsspec protocol."""
+    """(fsspec file, tifffile.TiffFile, or a tiffslide.TiffSlide for a vendor slide where tiffslide is installed):
+    the file is read lazily, range by range, on any fsspec protocol."""
     import tifffile
 
     from rayseg.storage import filesystem
 
     fs, path = filesystem(url, storage_options)
-    f = fs.open(path, "rb", block_size=block_size)
+    # planning's small blocks are kept (blockcache): tiffslide's decode threads read an overview's tiles out of
+    # order, and a read-ahead cache would fetch a block again for each backward step
+    f = fs.open(path, "rb", block_size=block_size, **({"cache_type": "blockcache"} if block_size == PLAN_BLOCK else {}))
     try:
-        return f, tifffile.TiffFile(f)
+        return f, (slides.open_slide(f) if slides.takes(url) else tifffile.TiffFile(f))
     except Exception:
         f.close()
         raise
@@ -82,6 +86,8 @@ def as_hwc(arr: np.ndarray, axes: str) -> np.ndarray:
 
 def header(tif) -> dict:
     """Level shapes, axes and dtype of the first series; `tiled`: whether a region reads only its tiles."""
+    if slides.is_slide(tif):
+        return slides.header(tif)
     series = tif.series[0]
     if "Y" not in series.axes or "X" not in series.axes:
         raise ValueError(f"TIFF series has axes {series.axes!r} and no Y and X")
@@ -98,6 +104,8 @@ def base_mpp(tif) -> float | None:
     most photos carry a nominal 72 or 300 dpi). None where the file says nothing."""
     import re
 
+    if slides.is_slide(tif):
+        return slides.mpp(tif)
     page = tif.pages[0]
     m = re.search(r"\bMPP\s*=\s*([0-9.]+)", page.description or "")
     if m is None and tif.is_ome:
@@ -131,17 +139,12 @@ def takes_region_path(head: dict, plan: RegionPlan) -> bool:
 def overview(tif, head: dict) -> tuple[np.ndarray, int]:
     """(overview image (h, w, C), its level): the smallest level at least OVERVIEW_MIN long, read with a stride
     where it is longer than OVERVIEW_SIDE (a flat image: every tile is read once, none kept)."""
-    import zarr
-
-    series = tif.series[0]
     levels = head["levels"]
     long_enough = [i for i, (h, w) in enumerate(levels) if max(h, w) >= OVERVIEW_MIN]
     lv = long_enough[-1] if long_enough else 0
     h, w = levels[lv]
-    if max(h, w) <= OVERVIEW_SIDE:
-        return as_hwc(series.levels[lv].asarray(), head["axes"]), lv
-    step = math.ceil(max(h, w) / OVERVIEW_SIDE)
-    z = zarr.open(series.aszarr(level=lv), mode="r")
+    step = max(1, math.ceil(max(h, w) / OVERVIEW_SIDE))
+    z = level_array(tif, lv)
     index = tuple(slice(None, None, step) if a in "YX" else slice(None) for a in head["axes"])
     return as_hwc(np.asarray(z[index]), head["axes"]), lv
 
@@ -260,16 +263,23 @@ class Region:
         return f"{self.core[0]}-{self.core[2]}"
 
 
-def read_window(region: Region, storage_options: dict | None) -> np.ndarray:
-    """The pixels of the region's read window, (h, w, C) in the file's dtype: only the TIFF tiles it touches are read."""
+def level_array(tif, lv: int):
+    """A level's pixels as a zarr array in the file's axes: indexing it reads only the tiles it touches."""
     import zarr
 
+    if slides.is_slide(tif):
+        return slides.level(tif, lv)
+    return zarr.open(tif.series[0].aszarr(level=lv), mode="r")
+
+
+def read_window(region: Region, storage_options: dict | None) -> np.ndarray:
+    """The pixels of the region's read window, (h, w, C) in the file's dtype: only the TIFF tiles it touches are read."""
     from rayseg.decode import native
 
     f, tif = open_tiff(region.url, storage_options)
     with f, tif:
-        axes = tif.series[0].axes
-        z = zarr.open(tif.series[0].aszarr(level=region.level), mode="r")
+        axes = header(tif)["axes"] if slides.is_slide(tif) else tif.series[0].axes
+        z = level_array(tif, region.level)
         y0, y1, x0, x1 = region.window
         index = tuple(slice(y0, y1) if a == "Y" else slice(x0, x1) if a == "X" else slice(None) for a in axes)
         return np.ascontiguousarray(native(as_hwc(np.asarray(z[index]), axes)))

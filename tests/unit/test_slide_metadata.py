@@ -55,3 +55,16 @@ def test_slide_extensions_are_discovered_and_planned(tmp_path):
     assert sorted((s.url.rsplit("/", 1)[-1], s.kind) for s in shards) == [(n, "image") for n in ("a.svs", "b.ndpi", "c.ome.tif", "d.png")]
     assert not ignored
     assert all(regions.is_candidate(n) for n in ("a.svs", "B.NDPI", "c.ome.tif")) and not regions.is_candidate("d.png")
+
+
+def test_a_vendor_slide_reads_by_region_through_tiffslide(svs):
+    pytest.importorskip("tiffslide")
+    from rayseg import slides
+
+    f, source = regions.open_tiff(svs, None)
+    with f, source:
+        assert slides.is_slide(source), "an .svs goes through tiffslide where it is installed"
+    region = regions.Region(svs, "unused", 1, (1024, 1024), (256, 512, 512, 768), (192, 576, 448, 832))
+    with tifffile.TiffFile(svs) as tif:
+        expected = tif.series[0].levels[1].asarray()[192:576, 448:832]
+    assert np.array_equal(regions.read_window(region, None), expected)
