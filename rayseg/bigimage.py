@@ -130,10 +130,11 @@ def with_region_columns(table: pa.Table) -> pa.Table:
 
 
 def image_rows(batch: dict[str, np.ndarray], storage_options: dict, model: str, objects: bool, min_area: int = 0,
-               cog: bool = False) -> pa.Table:
+               cog: bool = False, ome_tiff: bool = False) -> pa.Table:
     """Ray Data stage: huge images' stores -> their output rows (stats.SCHEMA, the region columns, and with
     --objects the image's objects, merged across region borders, in level-0 pixels). With `cog`, a GeoTIFF's
-    mask is also written as a COG beside its store (rayseg.geo)."""
+    mask is also written as a COG beside its store (rayseg.geo); with `ome_tiff`, every mask as a pyramidal
+    OME-TIFF (rayseg.ometiff)."""
     from rayseg.stats import SCHEMA
 
     rows = []
@@ -147,6 +148,13 @@ def image_rows(batch: dict[str, np.ndarray], storage_options: dict, model: str, 
                 write_cog(str(store), str(image_id), storage_options)
             except Exception as e:  # noqa: BLE001 - the mask is in its store; the export's failure is this row's error
                 r["error"] = f"the COG export failed ({error_reason(e)})"
+        if ome_tiff and r["error"] is None:
+            from rayseg.ometiff import write_ome_tiff
+
+            try:
+                write_ome_tiff(str(store), storage_options)
+            except Exception as e:  # noqa: BLE001 - as the COG: the mask is in its store, the export's failure is the row's error
+                r["error"] = f"the OME-TIFF export failed ({error_reason(e)})"
         rows.append(r)
     cols = {f.name: [r.get(f.name) for r in rows] for f in SCHEMA}
     table = pa.table(cols, schema=SCHEMA)

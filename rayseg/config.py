@@ -150,6 +150,8 @@ OPTIONS: dict[str, Option] = {
                   _between(0.01, 1000, "between 0.01 and 1000 microns"), rows=KEYED),
     "max_regions": Option(int, 100_000, "a huge image needing more regions is an error row (absurd headers)", _at_least(1), rows=KEYED),
     "cog": Option(bool, False, "huge GeoTIFFs: also write the mask as a COG beside its store, with their CRS (rayseg[geo])", rows=SAME),
+    "ome_tiff": Option(bool, False, "huge images: also write the mask as a pyramidal OME-TIFF beside its store (QuPath, "
+                                    "napari and QGIS open it; rayseg[wsi])", rows=SAME),
     "background": Option(str, "otsu", "regions of huge images to skip: otsu (no tissue: the bright side of Otsu's threshold "
                                       "on an overview) or none", meta={"choices": ("otsu", "none")}, rows=KEYED),
     # labelled
@@ -250,7 +252,7 @@ READ = ("h5_key", "image_column", "max_pixels")
 LABELLED = ("data", "h5_key", "mask_key", "mask_mode", "max_pixels")
 PREDICT = ("batch_size", "device", "precision", "tile", "overlap", "tta", "compile", "intensity", "geometry")
 OUTPUT = ("output", "mask_format", "objects", "min_area", "overwrite")
-REGIONS = ("region_pixels", "region_size", "level", "mpp", "max_regions", "background", "cog")
+REGIONS = ("region_pixels", "region_size", "level", "mpp", "max_regions", "background", "cog", "ome_tiff")
 
 
 def _check_options(cfg) -> None:

@@ -177,7 +177,7 @@ def segment(config: SegmentConfig | None = None, **kwargs) -> dict:
                 plan.write_parquet(images_path, filesystem=pa_fs, ray_remote_args=runtime.WRITE_ARGS)
             if large:  # every region is written: each huge image's row, from its store
                 image_kw = {"storage_options": so, "model": bundle.label, "objects": cfg.objects, "min_area": cfg.min_area,
-                            "cog": cfg.cog}
+                            "cog": cfg.cog, "ome_tiff": cfg.ome_tiff}
                 rows_of_large = ray.data.from_items(large, override_num_blocks=len(large))
                 rows_of_large.map_batches(bigimage.image_rows, batch_size=1, fn_kwargs=image_kw, num_cpus=runtime.READ_CPUS) \
                     .write_parquet(images_path, filesystem=pa_fs, ray_remote_args=runtime.WRITE_ARGS)
