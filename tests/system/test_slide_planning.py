@@ -63,7 +63,6 @@ class CountingFS:
         return f
 
 
-@pytest.mark.flow("large-image-regions")
 def test_planning_on_s3_reads_under_one_percent(tmp_path, s3, monkeypatch):
     from rayseg import storage
 
@@ -78,7 +77,6 @@ def test_planning_on_s3_reads_under_one_percent(tmp_path, s3, monkeypatch):
     monkeypatch.setattr(storage, "filesystem", lambda u, so: (counting, storage_path(u)))
     planned = regions.plan_image(url, opts, regions.RegionPlan())
     assert planned["regions"] and planned["shape"] == [8192, 8192]
-
     assert 0 < counting.fetched < size / 100, f"planning read {counting.fetched:,} of {size:,} bytes"
 
 
