@@ -68,3 +68,15 @@ def test_a_vendor_slide_reads_by_region_through_tiffslide(svs):
     with tifffile.TiffFile(svs) as tif:
         expected = tif.series[0].levels[1].asarray()[192:576, 448:832]
     assert np.array_equal(regions.read_window(region, None), expected)
+
+
+def test_a_broken_svs_is_an_error_row_not_a_crash(tmp_path):
+    from rayseg import decode, shards
+
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"II*\x00" + b"\xff" * 2_000_000)  # a TIFF's magic, then nothing readable; over the planning size
+    with pytest.raises(Exception):
+        regions.plan_image(str(bad), None, regions.RegionPlan())
+    rows = list(shards.read_image_file(bad.as_uri(), {}))
+    out = decode.decode_batch({k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]})
+    assert list(out["error"]) == ["not a decodable image (unknown or corrupt format)"]
