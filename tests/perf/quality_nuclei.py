@@ -2,6 +2,7 @@
 
     python tests/perf/quality_nuclei.py --set nuclei --workdir /tmp/quality --epochs 12 --json quality.json
     python tests/perf/quality_nuclei.py --set volume --workdir /tmp/quality-volume --epochs 12
+    python tests/perf/quality_nuclei.py --set mni --workdir /tmp/quality-mni --epochs 30
 
 Two real labelled sets ship in the stardist wheel (BSD-3-Clause), read from its files: `nuclei`, the 2-D 16-bit
 fluorescence image of nuclei (test_image_nuclei_2d, from the 2018 Data Science Bowl, BBBC038) with its instance
