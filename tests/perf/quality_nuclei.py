@@ -8,7 +8,9 @@ Two real labelled sets ship in the stardist wheel (BSD-3-Clause), read from its 
 fluorescence image of nuclei (test_image_nuclei_2d, from the 2018 Data Science Bowl, BBBC038) with its instance
 labels, cut into training tiles of 64 x 64 and held-out images of 128 x 128 (twice the tiles' side, so the
 inference geometry matters); and `volume`, its 3-D nuclei volume (test_image_nuclei_3d) sliced along z into 2-D
-images, different slices for training and testing. Masks are foreground (any instance) against background. Each intensity
+images, different slices for training and testing; and `mni`, 3 classes (other, grey and white matter) from the MNI
+ICBM152 2009 T1 template and tissue maps in the nilearn wheel, sliced axially (mni_splits says how), scored by the
+mean of the two tissues' Dice against two fitted thresholds. For `nuclei` and `volume` masks are foreground (any instance) against background. Each intensity
 mode trains one UNet (`rayseg train`, 1 worker); each model is then scored on the held-out images by the predictor
 with each geometry (native scale, or whole images resized to the input). The threshold baseline is the single
 intensity threshold that maximises Dice on the training tiles (what a classical pipeline fits), applied as is.
