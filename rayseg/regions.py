@@ -26,7 +26,7 @@ import numpy as np
 from rayseg import slides
 from rayseg.tiling import tile_starts
 
-REGION_EXTENSIONS = (".tif", ".tiff", ".svs", ".ndpi")  # files planned by region (.ome.tif ends in .tif); all in rayseg.storage.IMAGE_EXTS
+REGION_EXTENSIONS = (".tif", ".tiff", *slides.VENDOR_EXTENSIONS)  # files planned by region (.ome.tif ends in .tif); all in rayseg.storage.IMAGE_EXTS
 OVERVIEW_MIN = 512  # the overview: the smallest level at least this long (a few hundred KB of tiles: planning reads little)
 OVERVIEW_SIDE = 2048  # ... read with a stride where even that level is longer than this (a flat image)
 TISSUE_MARGIN = 2  # overview pixels the tissue mask grows by: an edge that Otsu shaved off still keeps its region

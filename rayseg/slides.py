@@ -1,4 +1,4 @@
-"""Vendor slide formats (.svs, .ndpi, .scn, .bif) through tiffslide, where it is installed (rayseg[wsi]).
+"""Vendor slide formats (.svs, .ndpi) through tiffslide, where it is installed (rayseg[wsi]).
 
 tiffslide knows each vendor's layout (which series is the pyramid, which pages are the label and macro images)
 and normalises their metadata (`tiffslide.mpp-x` from an Aperio description, NDPI's resolution tags, ...). Its
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 
-VENDOR_EXTENSIONS = (".svs", ".ndpi", ".scn", ".bif")
+VENDOR_EXTENSIONS = (".svs", ".ndpi")  # discovered as images (rayseg.storage) and planned by region (rayseg.regions)
 
 
 def takes(url: str) -> bool:

@@ -14,10 +14,11 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from rayseg.errors import UserError
+from rayseg.slides import VENDOR_EXTENSIONS
 
 log = logging.getLogger("rayseg")
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".svs", ".ndpi")  # slides: TIFF inside
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", *VENDOR_EXTENSIONS)  # slides: TIFF inside
 SHARD_KINDS = {".tar": "tar", ".h5": "h5", ".hdf5": "h5", ".parquet": "parquet", **{e: "image" for e in IMAGE_EXTS}}
 
 
