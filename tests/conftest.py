@@ -6,6 +6,7 @@ import io
 import os
 import socket
 import tarfile
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -15,17 +16,22 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
-# The files that take longest go first. With pytest-xdist (`-n 2 --dist loadfile`: a file's tests stay on one
-# worker, so a module's fixtures are built once) both workers then stay busy to the end instead of one waiting on
-# a slow file started last. The rest keep their order.
-SLOW_FILES_FIRST = ("test_nightly_scale.py", "test_train.py", "test_nightly.py", "test_train_deep.py", "test_jobs.py",
-                    "test_nightly_fence.py", "test_own_model.py", "test_faults.py", "test_real_images.py", "test_security.py",
-                    "test_bench.py", "test_console.py")
+# The files that take longest go first, longest first (from `--durations=0`). With pytest-xdist (`-n 2`, and
+# addopts' `--dist loadfile --no-loadscope-reorder`: a file's tests stay on one worker, so a module's fixtures are
+# built once, and files are handed out in this order) both workers then stay busy to the end instead of one waiting
+# on a slow file started last. The rest keep their order.
+SLOW_FILES_FIRST = ("system/test_nightly_lease.py", "system/test_nightly_scale.py", "system/test_train_deep.py", "system/test_jobs.py",
+                    "system/test_nightly.py", "system/test_faults.py", "system/test_train.py", "system/test_console.py",
+                    "system/test_bench.py", "unit/test_lease.py", "system/test_real_images.py", "system/test_tiling.py",
+                    "system/test_nightly_fence.py", "system/test_own_model.py", "system/test_gpu_plan.py", "unit/test_regions.py",
+                    "system/test_segment.py", "system/test_demo.py", "system/test_large_images.py", "system/test_security.py",
+                    "system/test_evaluate.py", "system/test_plan.py", "system/test_slide_planning.py")
+TESTS = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    items.sort(key=lambda item: rank.get(item.path.relative_to(TESTS).as_posix(), len(rank)))
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +59,7 @@ def ray_head():
     import shutil
     import tempfile
 
-    from ray_cluster import Cluster
+    from ray_cluster import Cluster, started_pids
 
     tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     head = Cluster(tmp)
@@ -62,7 +68,9 @@ def ray_head():
         yield head
     finally:
         head.stop()
+        left = started_pids(tmp, head.sids)
         shutil.rmtree(tmp, ignore_errors=True)
+    assert not left, f"processes of the session's `ray start --head` still alive: {left}"
 
 
 def free_port() -> int:

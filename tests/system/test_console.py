@@ -144,32 +144,19 @@ def test_an_unknown_start_failure_keeps_its_traceback():
 
 
 @pytest.mark.flow("ray-start-joined")
-def test_a_command_joins_the_ray_that_ray_start_runs_here_and_says_so(tmp_path, env):
-    """With a `ray start --head` up on this machine, `rayseg segment` without --address joins it (one line says so)
-    instead of starting a Ray of its own (tests/unit/test_startup.py: `--address local`, a stale announcement). The
-    head has token auth, as every `ray start` head here does, and is stopped by its processes' ids."""
-    import shutil
-    import tempfile
-
-    from ray_cluster import Cluster, started_pids
+def test_a_command_joins_the_ray_that_ray_start_runs_here_and_says_so(tmp_path, env, ray_head):
+    """With a `ray start --head` up on this machine (the session's, tests/conftest.py: token auth, as every `ray start`
+    head here has, stopped by its processes' ids), `rayseg segment` without --address joins it (one line says so)
+    instead of starting a Ray of its own (tests/unit/test_startup.py: `--address local`, a stale announcement)."""
     from rayseg.synth import write_archive
 
     write_archive(str(tmp_path / "in"), "files", 3, labelled=False, seed=1, generator="shapes", num_classes=2, min_size=32, max_size=40)
-    tmp = tempfile.mkdtemp(prefix="rsh", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    head = Cluster(tmp)
-    try:
-        head.start(workers=0, head_cpus=2, dashboard=False)
-        client = head.client_env(RAYSEG_LOG_DIR=env["RAYSEG_LOG_DIR"])
-        args = [sys.executable, "-m", "rayseg.cli", "segment", str(tmp_path / "in"), "--model", "unet", "--num-classes", "2",
-                "--input-size", "32", "--output", str(tmp_path / "a")]
-        joined = subprocess.run(args, env=client, capture_output=True, text=True, timeout=300)
-        assert joined.returncode == 0, joined.stderr[-3000:]
-        summary = json.loads(joined.stdout.strip().splitlines()[-1])
-        address = summary["timeline_s"]["ray_joined"]  # as `ray start` announced it: this machine's IP and the head's port
-        assert summary["images"] == 3 and address and address.endswith(f":{head.gcs_port}")
-        assert f"joining the Ray already running on this machine at {address}" in joined.stderr
-    finally:
-        head.stop()
-        left = started_pids(tmp, head.sids)
-        shutil.rmtree(tmp, ignore_errors=True)
-        assert not left, f"cluster processes still alive: {left}"
+    client = ray_head.client_env(RAYSEG_LOG_DIR=env["RAYSEG_LOG_DIR"])
+    args = [sys.executable, "-m", "rayseg.cli", "segment", str(tmp_path / "in"), "--model", "unet", "--num-classes", "2",
+            "--input-size", "32", "--output", str(tmp_path / "a")]
+    joined = subprocess.run(args, env=client, capture_output=True, text=True, timeout=300)
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    summary = json.loads(joined.stdout.strip().splitlines()[-1])
+    address = summary["timeline_s"]["ray_joined"]  # as `ray start` announced it: this machine's IP and the head's port
+    assert summary["images"] == 3 and address and address.endswith(f":{ray_head.gcs_port}")
+    assert f"joining the Ray already running on this machine at {address}" in joined.stderr

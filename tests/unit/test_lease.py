@@ -96,7 +96,7 @@ def test_expiry_is_timed_on_the_waiters_clock_whatever_the_holders_says(where, s
     renews, a waiter never takes it over; once it stops renewing, the waiter takes it over one lifetime after it
     first saw the last renewal."""
     out, opts = where
-    ttl = 4.0
+    ttl = 2.5
     holder = SkewedLease(out, opts, "skewed", ttl, skew_s=skew_h * 3600).__enter__()  # renews every ttl/3
     try:
         with pytest.raises(LeaseHeld, match="run skewed "):
