@@ -4,9 +4,7 @@
         python jobs/nightly.py --config jobs/configs/nightly.yaml --output s3://bucket/masks/nightly
 """
 
-import sys
-
-from _entry import run
+from _entry import exit_now, run
 
 if __name__ == "__main__":
-    sys.exit(run("nightly"))
+    exit_now(run("nightly"))

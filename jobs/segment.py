@@ -4,9 +4,7 @@
         python jobs/segment.py --config jobs/configs/segment.yaml --output s3://bucket/masks/run1
 """
 
-import sys
-
-from _entry import run
+from _entry import exit_now, run
 
 if __name__ == "__main__":
-    sys.exit(run("segment"))
+    exit_now(run("segment"))

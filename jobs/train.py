@@ -4,9 +4,7 @@
         python jobs/train.py --config jobs/configs/train.yaml --output s3://bucket/models/run1 --workers 8 --use-gpu
 """
 
-import sys
-
-from _entry import run
+from _entry import exit_now, run
 
 if __name__ == "__main__":
-    sys.exit(run("train"))
+    exit_now(run("train"))

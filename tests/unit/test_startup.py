@@ -54,3 +54,21 @@ def test_a_command_joins_only_a_ray_that_ray_start_announced_and_whose_gcs_is_up
     assert ray_address("local") == "local" and ray_address("10.0.0.5:6379") == "10.0.0.5:6379"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.6:6379")
     assert ray_address(None) == "10.0.0.6:6379" and ray_address("local") == "local"
+
+
+def test_the_command_exits_at_once_with_its_status_and_all_it_printed(tmp_path):
+    """`rayseg` skips Python's module teardown (cli.exit_now): what the command printed still reaches a pipe whole,
+    and the exit status is the command's (0 done, 2 a bad command in one line)."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "rayseg.cli", "synth", str(tmp_path / "a"), "--count", "3", "--layout", "files"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)  # the whole JSON document, not a cut one
+    assert summary["count"] == 3 and len(list((tmp_path / "a").rglob("*.png"))) == 3
+    bad = subprocess.run([sys.executable, "-m", "rayseg.cli", "synth", str(tmp_path / "b"), "--count", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == ["rayseg synth: error: --count must be at least 1"], bad.stderr
