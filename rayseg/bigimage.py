@@ -27,6 +27,12 @@ PLAN_FILES = 8  # files whose headers one planning task reads: a header is a few
 MIN_PLAN_BYTES = 1 << 20  # smaller TIFFs are not planned: no image worth regions fits in 1 MiB, and many small files skip a pass
 
 
+def region_options(cfg) -> list[str]:
+    """The options given that only an image read by region honours (a pyramid level, an export of its mask)."""
+    return [flag for flag, on in (("--mpp", cfg.mpp is not None), ("--level", bool(cfg.level)), ("--ome-tiff", cfg.ome_tiff),
+                                   ("--cog", cfg.cog)) if on]
+
+
 def plan_files(urls: list[str], storage_options: dict, plan: regions.RegionPlan, intensity: str, output: str,
                num_classes: int) -> list[dict | None]:
     """For each file: None (the ordinary path), or {"image_id", "store", "regions": region row dicts}. The
@@ -66,8 +72,11 @@ def plan(shards, cfg, card) -> tuple[list, list[dict], list[dict]]:
 
     from rayseg.intensity import effective
 
-    candidates = [s for s in shards if s.kind == "image" and regions.is_candidate(s.url) and s.size >= MIN_PLAN_BYTES]
+    asked = region_options(cfg)
+    least = 0 if asked else MIN_PLAN_BYTES  # a small pyramid is planned too when its level or export is asked for
+    candidates = [s for s in shards if s.kind == "image" and regions.is_candidate(s.url) and s.size >= least]
     if not candidates:
+        _say_whole(shards, asked)
         return shards, [], []
     if importlib.util.find_spec("zarr") is None:  # tifffile's region reads and the mask store both need it
         log.warning("huge TIFFs are decoded whole (up to --max-pixels): reading them by region needs rayseg[wsi] (zarr)")
@@ -87,7 +96,17 @@ def plan(shards, cfg, card) -> tuple[list, list[dict], list[dict]]:
     taken = {x["image_id"] for x in large}
     if large:
         log.info("%d huge image(s) go by region: %d regions to segment", len(large), len(rows))
-    return [s for s in shards if s.url not in taken], large, rows
+    left = [s for s in shards if s.url not in taken]
+    _say_whole(left, asked)
+    return left, large, rows
+
+
+def _say_whole(shards, asked: list[str]) -> None:
+    """One warning where region-only options were asked for but some inputs are segmented whole, without them."""
+    if asked and shards:
+        log.warning("%s appl%s only to tiled or pyramidal TIFFs and slides, read by region: %d input(s) are segmented "
+                    "whole at their own resolution without it, e.g. %s", " and ".join(asked), "ies" if len(asked) == 1 else "y",
+                    len(shards), shards[0].url)
 
 
 def region_plan(cfg) -> regions.RegionPlan:

@@ -82,3 +82,30 @@ def test_planning_on_s3_reads_under_one_percent(tmp_path, s3, monkeypatch):
 
 def storage_path(url: str) -> str:
     return url.split("://", 1)[1]
+
+
+def test_a_small_slide_honours_mpp_and_an_input_that_cannot_is_named(ray_local, tmp_path, caplog):
+    """--mpp (as --level, --ome-tiff and --cog) is honoured on a slide smaller than the size at which reading by
+    region pays off; an input it cannot apply to (a PNG) is segmented whole and named in one warning, not passed
+    over in silence."""
+    import logging
+
+    import cv2
+    import pandas as pd
+
+    from rayseg import bigimage, segment
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    path, _ = write_slide(inp / "small.svs", 1024, overview=256)
+    assert os.path.getsize(path) < bigimage.MIN_PLAN_BYTES
+    cv2.imwrite(str(inp / "photo.png"), np.full((40, 48, 3), 128, np.uint8))
+    with caplog.at_level(logging.WARNING, logger="rayseg"):
+        summary = segment(inputs=[str(inp)], output=str(tmp_path / "out"), model="pointwise", num_classes=2, mpp=0.5,
+                          region_size=256, quiet=True)
+    assert (summary["images"], summary["large_images"], summary["errors"]) == (2, 1, 0), summary
+    rows = pd.read_parquet(tmp_path / "out" / "images").set_index("image_id")
+    slide = rows.loc[[i for i in rows.index if i.endswith("small.svs")][0]]
+    assert (slide.height, slide.width) == (512, 512)  # level 1: 0.5 µm per pixel of a 0.25 µm slide
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--mpp applies only")]
+    assert len(warned) == 1 and "1 input(s)" in warned[0] and warned[0].endswith("photo.png"), warned
