@@ -24,7 +24,9 @@ from rayseg.models import load_bundle
 from rayseg.synth import write_archive
 from rayseg.train import train
 
-EPOCHS = 14
+# At lr 3e-3 the blob Dice sits near 0.90 for ~9 epochs before it climbs (14 epochs: 0.98); at 6e-3 it is past 0.97
+# by epoch 5. An epoch is 1-2 s of a run whose two worker-group starts (first and after the kill) take most of it.
+EPOCHS, LR = 8, 6e-3
 
 
 def train_workers() -> list[psutil.Process]:
@@ -89,7 +91,7 @@ def blobs_run(ray_local, tmp_path_factory):
     watcher.start()
     try:
         summary = train(data=(str(root / "train"), str(bad)), val_data=(str(root / "val"),), output=str(out), model="unet",
-                        num_classes=2, input_size=48, epochs=EPOCHS, batch_size=4, lr=3e-3, workers=2, seed=0,
+                        num_classes=2, input_size=48, epochs=EPOCHS, batch_size=4, lr=LR, workers=2, seed=0,
                         class_names=("background", "blob"), quiet=True)
     finally:
         watcher.join(timeout=5)
@@ -157,6 +159,7 @@ def test_best_checkpoint_segments_held_out_blobs_with_dice_over_09(blobs_run, tm
         t = truth[int(row["image_id"].rsplit("::", 1)[1])]
         inter += int(((mask == 1) & (t == 1)).sum())
         total += int((mask == 1).sum() + (t == 1).sum())
+    print(f"held-out blob Dice {2 * inter / total:.4f} (>= 0.9 asked)")
     assert 2 * inter / total >= 0.9
 
     result = evaluate(checkpoint=best, data=(str(root / "test"),), quiet=True)

@@ -1,11 +1,13 @@
 """rayseg train on real intensities: 16-bit bands, N channels, dataset statistics, widened torchvision models.
 
-Each fixture trains tiny UNets on one embedded Ray (1-2 Ray Train workers) and segments what they learned.
+One module fixture starts every training at once (tiny UNets and one torchvision model, 1-2 Ray Train workers each,
+on one embedded Ray: their start-ups overlap) and the tests segment what they learned.
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import cv2
 import h5py
@@ -18,6 +20,7 @@ from conftest import png_bytes
 from rayseg.evaluate import evaluate
 from rayseg.models import load_bundle
 from rayseg.train import train
+from train_helpers import Runs
 
 
 
@@ -55,22 +58,69 @@ def dice(predicted, truth) -> float:
     return 2 * inter / total
 
 
+def five_channels(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N,H,W,5) uint16: the blobs in channel 2, each channel on its own scale, the others noise."""
+    images, masks = grey_blobs(count, seed, 40)
+    rng = np.random.default_rng(seed)
+    chans = [rng.integers(0, 50 * (c + 1), images.shape) for c in range(5)]
+    chans[2] = deepen(images, 3000, seed).astype(np.int64)
+    return np.stack(chans, axis=-1).astype(np.uint16), masks
+
+
+DEEP_EPOCHS = 5  # held-out Dice 0.98-0.99 at every depth by then (8 epochs gave 0.99)
+
+
 @pytest.fixture(scope="module")
-def deep_runs(ray_local, tmp_path_factory):
-    """One grey archive as 16-bit 0..300, 16-bit 0..65535 and the 8-bit rescaled copy, each trained the same way."""
+def runs(ray_local, tmp_path_factory):
+    """Every training of this module, started together (tests/train_helpers.py: Ray Train's start-up overlaps):
+
+    - band300, full, copy8: one grey archive as 16-bit 0..300, 16-bit 0..65535 and the 8-bit rescaled copy, each
+      trained the same way (1 worker);
+    - five: 5-channel uint16 H5 in two training folders, --intensity dataset, 2 workers;
+    - four: 4-channel uint16 H5 into lraspp_mobilenet_v3_large, whose first convolution is widened (1 epoch).
+    """
     root = tmp_path_factory.mktemp("deep")
-    runs = {}
+    calls = {}
     splits = {"train": grey_blobs(48, 1), "val": grey_blobs(12, 2), "test": grey_blobs(24, 3)}
     for name, top in (("band300", 300), ("full", 65535), ("copy8", None)):
         for split, (images, masks) in splits.items():
             deep = deepen(images, top or 300, seed=len(split))
             data = deep if top else np.round(np.clip(deep / 300, 0, 1) * 255).astype(np.uint8)
             write_h5(root / name / split, data, masks)
-        summary = train(data=(str(root / name / "train"),), val_data=(str(root / name / "val"),), output=str(root / name / "run"),
-                        model="unet", num_classes=2, input_size=48, epochs=8, batch_size=4, lr=3e-3, workers=1, seed=0, quiet=True,
-                        intensity="auto")  # what is compared: auto's percentiles at every depth (the plan picks per set)
-        runs[name] = {"summary": summary, "best": str(root / name / "run" / "best"), "test": root / name / "test"}
-    return {"root": root, "runs": runs, "truth": splits["test"][1]}
+        calls[name] = partial(train, data=(str(root / name / "train"),), val_data=(str(root / name / "val"),), output=str(root / name / "run"),
+                              model="unet", num_classes=2, input_size=48, epochs=DEEP_EPOCHS, batch_size=4, lr=3e-3, workers=1, seed=0,
+                              quiet=True, intensity="auto")  # what is compared: auto's percentiles at every depth (the plan picks per set)
+
+    five = root / "five"
+    train_x, train_y = five_channels(40, 1)
+    write_h5(five / "train", train_x[:20], train_y[:20])
+    write_h5(five / "train2", train_x[20:], train_y[20:])
+    write_h5(five / "val", *five_channels(8, 2))
+    test_x, test_y = five_channels(12, 3)
+    write_h5(five / "test", test_x, test_y)
+    calls["five"] = partial(train, data=(str(five / "train"), str(five / "train2")), val_data=(str(five / "val"),), output=str(five / "run"),
+                            model="unet", num_classes=2, input_size=40, epochs=6, batch_size=4, lr=3e-3, workers=2, seed=0,
+                            intensity="dataset", quiet=True)
+
+    four_root = root / "four"
+    images, masks = grey_blobs(12, 1, 64)
+    four = np.stack([deepen(images, 1000, 1), images, 255 - images, deepen(images, 40000, 2)], axis=-1).astype(np.uint16)
+    write_h5(four_root / "train", four[:8], masks[:8])
+    write_h5(four_root / "val", four[8:], masks[8:])
+    calls["four"] = partial(train, data=(str(four_root / "train"),), val_data=(str(four_root / "val"),), output=str(four_root / "run"),
+                            model="lraspp_mobilenet_v3_large", num_classes=2, input_size=64, epochs=1, batch_size=4, workers=1, quiet=True)
+
+    started = Runs(calls)
+    yield {"root": root, "runs": started, "truth": splits["test"][1], "five": {"train": (train_x, train_y), "test": (test_x, test_y)}}
+    started.close()
+
+
+@pytest.fixture(scope="module")
+def deep_runs(runs):
+    root, out = runs["root"], {}
+    for name in ("band300", "full", "copy8"):
+        out[name] = {"summary": runs["runs"].get(name), "best": str(root / name / "run" / "best"), "test": root / name / "test"}
+    return {"root": root, "runs": out, "truth": runs["truth"]}
 
 
 @pytest.mark.flow("deep-images")
@@ -110,28 +160,14 @@ def test_a_narrow_16bit_band_segments_through_the_pipeline(deep_runs, tmp_path):
     assert result["intensity"] == "auto" and result["dice"][1] == pytest.approx(dice(masks, deep_runs["truth"]))
 
 
-def five_channels(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N,H,W,5) uint16: the blobs in channel 2, each channel on its own scale, the others noise."""
-    images, masks = grey_blobs(count, seed, 40)
-    rng = np.random.default_rng(seed)
-    chans = [rng.integers(0, 50 * (c + 1), images.shape) for c in range(5)]
-    chans[2] = deepen(images, 3000, seed).astype(np.int64)
-    return np.stack(chans, axis=-1).astype(np.uint16), masks
-
-
-def test_five_channel_h5_trains_a_five_channel_unet_with_dataset_statistics_and_segments(ray_local, tmp_path):
+def test_five_channel_h5_trains_a_five_channel_unet_with_dataset_statistics_and_segments(runs, tmp_path):
     from rayseg.intensity import local_rows, measure, parse
     from rayseg.segment import segment
 
-    train_x, train_y = five_channels(40, 1)
-    write_h5(tmp_path / "train", train_x[:20], train_y[:20])
-    write_h5(tmp_path / "train2", train_x[20:], train_y[20:])
-    write_h5(tmp_path / "val", *five_channels(8, 2))
-    test_x, test_y = five_channels(12, 3)
-    write_h5(tmp_path / "test", test_x, test_y)
-    s = train(data=(str(tmp_path / "train"), str(tmp_path / "train2")), val_data=(str(tmp_path / "val"),), output=str(tmp_path / "run"),
-              model="unet", num_classes=2, input_size=40, epochs=6, batch_size=4, lr=3e-3, workers=2, intensity="dataset", quiet=True)
-    card = json.loads((tmp_path / "run" / "best" / "model.json").read_text())
+    s = runs["runs"].get("five")
+    five = runs["root"] / "five"
+    (train_x, train_y), (test_x, test_y) = runs["five"]["train"], runs["five"]["test"]
+    card = json.loads((five / "run" / "best" / "model.json").read_text())
     assert s["in_channels"] == card["in_channels"] == 5
     norm = card["intensity"]
     assert norm["mode"] == "dataset" and len(norm["window"]) == 5
@@ -147,21 +183,17 @@ def test_five_channel_h5_trains_a_five_channel_unet_with_dataset_statistics_and_
     rgb = tmp_path / "rgb"
     rgb.mkdir()
     (rgb / "x.png").write_bytes(png_bytes(np.zeros((40, 40, 3), np.uint8)))
-    summary = segment(inputs=(str(tmp_path / "test"), str(rgb)), output=str(tmp_path / "seg"), checkpoint=str(tmp_path / "run" / "best"), quiet=True)
+    summary = segment(inputs=(str(five / "test"), str(rgb)), output=str(tmp_path / "seg"), checkpoint=str(five / "run" / "best"), quiet=True)
     rows = {r["image_id"].rsplit("/", 1)[1]: r for r in pq.read_table(tmp_path / "seg" / "images").to_pylist()}
     assert summary["errors"] == 1 and rows["x.png"]["error"] == "image has 3 channels; the model takes 5"
     masks = [cv2.imdecode(np.frombuffer(rows[f"shard.h5::{i}"]["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED) for i in range(12)]
+    print("five channels, held-out Dice:", round(dice(masks, test_y), 4))
     assert dice(masks, test_y) > 0.7
 
 
-def test_torchvision_model_with_a_widened_first_convolution_trains_on_four_channels(ray_local, tmp_path):
-    images, masks = grey_blobs(12, 1, 64)
-    four = np.stack([deepen(images, 1000, 1), images, 255 - images, deepen(images, 40000, 2)], axis=-1).astype(np.uint16)
-    write_h5(tmp_path / "train", four[:8], masks[:8])
-    write_h5(tmp_path / "val", four[8:], masks[8:])
-    s = train(data=(str(tmp_path / "train"),), val_data=(str(tmp_path / "val"),), output=str(tmp_path / "run"),
-              model="lraspp_mobilenet_v3_large", num_classes=2, input_size=64, epochs=1, batch_size=4, workers=1, quiet=True)
-    bundle = load_bundle(str(tmp_path / "run" / "best"))
+def test_torchvision_model_with_a_widened_first_convolution_trains_on_four_channels(runs):
+    s = runs["runs"].get("four")
+    bundle = load_bundle(str(runs["root"] / "four" / "run" / "best"))
     assert s["in_channels"] == bundle.card.in_channels == 4 and s["epochs_completed"] == 1
     first = next(m for m in bundle.build().model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
     assert first.in_channels == 4
