@@ -30,6 +30,10 @@ from rayseg.table import MANIFEST_DIR, open_table, read_state, read_table
 
 RAYSEG = str(Path(sys.executable).with_name("rayseg"))
 OPTS = {"model": "unet", "input_size": 32, "batch_size": 8, "quiet": True}
+# One predictor actor for the runs of a few tiny tar shards: the number of images in a tar is not known before it is
+# read, so without --actors a run starts one actor per CPU (a process importing torch each), where the product's own
+# rule for a job known to hold this few batches (runtime.BATCHES_PER_ACTOR) gives one.
+ONE_ACTOR = {"actors": "1"}
 
 
 def write_tar(path: Path, n: int, seed: int) -> list[str]:
@@ -59,7 +63,7 @@ def assert_exactly_once(out: Path, expected: set[str], storage_options: dict | N
 
 
 def run(inputs: Path, out: Path, **kw) -> dict:
-    return nightly(NightlyConfig(inputs=(str(inputs),), output=str(out), **{**OPTS, **kw}))
+    return nightly(NightlyConfig(inputs=(str(inputs),), output=str(out), **{**OPTS, **ONE_ACTOR, **kw}))
 
 
 def data_files(out: Path) -> list[str]:

@@ -4,10 +4,7 @@ Run A is paused with SIGSTOP at the line it logs between the two (`wave N: lease
 pause, a VM pause or a storage brown-out would pause it. Run B waits for A's lease to expire, takes it over,
 fences the table and finishes. A is resumed and commits from what it read before B: Delta refuses the commit
 and A ends with one sentence saying it lost its lease. Every image is in the table once and the manifest reads.
-A and B are real `rayseg nightly` processes joined to the session's `ray start --head` (conftest's ray_head): the
-pause is the driver's alone, so a Ray of their own would add two Ray starts and prove nothing more. Leases of 5 s,
-the shortest allowed: B waits that long for A's to expire. The last check (a rerun finds nothing new, so it starts
-no Ray) runs in the test's process.
+Each run is a real `rayseg nightly` process with its own embedded Ray.
 """
 
 from __future__ import annotations
@@ -15,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,6 @@ import pytest
 
 from conftest import png_bytes, random_image, tar_bytes
 from ray_cluster import session_pids
-from rayseg.nightly import NightlyConfig, nightly
 from rayseg.table import read_state, read_table
 
 RAYSEG = str(Path(sys.executable).parent / "rayseg")
@@ -55,11 +53,13 @@ def stop_at(proc: subprocess.Popen, pattern: str, timeout: float) -> list[str]:
 
 @pytest.mark.flow("lease-takeover-fenced")
 @pytest.mark.timeout(480)
-def test_a_run_stalled_between_renewal_and_commit_is_fenced_out_by_the_run_that_took_over(tmp_path, ray_head):
+def test_a_run_stalled_between_renewal_and_commit_is_fenced_out_by_the_run_that_took_over(tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     expected = set().union(*(write_shard(inp / f"s{s}.tar", s) for s in range(SHARDS)))
-    env = ray_head.client_env(HOME=str(tmp_path), PYTHONUNBUFFERED="1")
+    ray_tmp = tempfile.mkdtemp(prefix="rsf", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(HOME=str(tmp_path), RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
     cmd = [RAYSEG, "nightly", str(inp), "--output", str(out), "--model", "unet", "--input-size", "32", "--batch-size", "4",
            "--commit-every", str(PER_SHARD), "--lease-seconds", "5"]
     a = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -79,15 +79,15 @@ def test_a_run_stalled_between_renewal_and_commit_is_fenced_out_by_the_run_that_
         ids = read_table(str(out)).to_table(columns=["image_id"]).column("image_id").to_pylist()
         assert len(ids) == len(set(ids)) and set(ids) == expected  # every image once: A's stalled wave is not in it
         assert len(read_state(str(out), None).records) == SHARDS  # the manifest reads, naming every shard
-        again = nightly(NightlyConfig(inputs=(str(inp),), output=str(out), model="unet", input_size=32, batch_size=4,
-                                      commit_every=PER_SHARD, lease_seconds=5, quiet=True))
-        assert again["nothing_new"] and again["cluster"] is None  # answered from the manifest: no Ray started
+        again = subprocess.run(cmd, env=env, start_new_session=True, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1])["nothing_new"], again.stderr[-3000:]
     finally:
-        for sig in (signal.SIGCONT, signal.SIGKILL):  # whatever is left of A's session
+        for sig in (signal.SIGCONT, signal.SIGKILL):  # whatever is left of A's session: it and its embedded Ray
             for pid in session_pids(a.pid):
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
         a.wait(timeout=30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 

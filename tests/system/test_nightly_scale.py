@@ -5,8 +5,9 @@ a local disk and on S3 (moto server). Each `rayseg nightly` here is a real subpr
 `ray start --head` (conftest's ray_head), as a user's commands join the Ray running on their machine; a kill
 kills the command's whole process session. The rerun after a kill kills nothing: it is the same command run in the
 test's process on the session's embedded Ray (nightly_flows.run_here), which proves the same without a process's
-start-up. test_nightly.py's first random kill keeps a driver with an embedded Ray
-of its own, which the kill takes down with the driver.
+start-up. test_nightly.py's first random kill and test_nightly_fence.py keep an embedded Ray each, which their kill
+or pause takes down with the driver (the fence's paused run holds its actors' CPUs: on the shared head the run that
+takes over would find none left for its own).
 """
 
 from __future__ import annotations
