@@ -1,10 +1,14 @@
 """What the nightly flows share (test_nightly_scale.py, test_nightly_lease.py): where inputs and OUT live (a local
 folder or S3 on a moto server), a run as a real `rayseg nightly` process joined to the session's `ray start --head`,
-killing its whole process session, and reading the table and the lease the documented way."""
+killing its whole process session, the same command run in this process (`run_here`, on the session's embedded
+Ray: for the runs a flow never kills, pauses or reads the exit status of), and reading the table and the lease
+the documented way."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import re
 import signal
@@ -73,6 +77,30 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> dict:
     assert proc.returncode == 0, err[-3000:]
     proc.err = err  # for a caller that checks the log lines
     return json.loads(out.strip().splitlines()[-1])
+
+
+def run_here(cmd: list[str]) -> tuple[dict, str]:
+    """`cmd` (a `rayseg nightly` command line) as `nightly(cfg)` in this process, on the session's embedded Ray (the
+    caller asks for fixture ray_local): its flags parsed by the CLI's own parser. Returns (summary, the lines rayseg
+    logged). A run that kills nothing needs no process of its own, and this one pays no torch import, no Ray join and
+    no new task workers."""
+    from rayseg.cli import build_parser
+    from rayseg.cliutil import config_from_args
+    from rayseg.config import NightlyConfig
+    from rayseg.nightly import nightly
+
+    args = build_parser("nightly").parse_args(cmd[1:])
+    cfg = config_from_args(NightlyConfig, args, args.config)
+    logger, text = logging.getLogger("rayseg"), io.StringIO()
+    handler, level = logging.StreamHandler(text), logger.level
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return nightly(cfg), text.getvalue()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def kill_session(proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -155,16 +183,20 @@ def kill_when_done(cmd: list[str], env: dict, images: int) -> int:
     return done
 
 
-def kill_and_rerun_at_once(site: Site, env: dict, cmd: list[str], expected: dict[str, set[str]], done: int) -> dict:
+def kill_and_rerun_at_once(site: Site, env: dict | None, cmd: list[str], expected: dict[str, set[str]], done: int) -> dict:
     """After a kill: whole shards committed; a rerun started at once (default 300 s lease, no --lease-wait) takes
-    the dead run's lease over and leaves every image once. Returns what the kill kept, for the caller's checks."""
+    the dead run's lease over and leaves every image once. The rerun is `cmd` run in this process (run_here, on
+    ray_local) with env None, else a `rayseg nightly` process. Returns what the kill kept, for the caller's checks."""
     at_kill, held = snapshot(site), lease_of(site)
     assert_whole(at_kill, expected)
-    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]  # a live lease (300 s left) would have refused it: exit 2
-    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    if env is None:
+        summary, err = run_here(cmd)  # a live lease (300 s left) would have refused it: LeaseHeld
+    else:
+        rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]  # a live lease (300 s left) would have refused it: exit 2
+        summary, err = json.loads(rerun.stdout.strip().splitlines()[-1]), rerun.stderr
     assert summary["redone_after_kill"]["run_id"] == held["run_id"]
-    assert f"took over the lease of run {held['run_id']} at once: its process (pid {held['pid']} on this host) no longer exists" in rerun.stderr
+    assert f"took over the lease of run {held['run_id']} at once: its process (pid {held['pid']} on this host) no longer exists" in err
     df = snapshot(site)
     assert_whole(df, expected)
     total = len(set().union(*expected.values()))

@@ -3,8 +3,11 @@ output files, two runs on one OUT never lose rows, a reader polling the table ne
 part, a killed run's lease expires, --objects rides with its images. Kill, concurrency and reader tests run on
 a local disk and on S3 (moto server). Each `rayseg nightly` here is a real subprocess that joins the session's
 `ray start --head` (conftest's ray_head), as a user's commands join the Ray running on their machine; a kill
-kills the command's whole process session. test_nightly.py's random kills and test_nightly_fence.py keep an
-embedded Ray each, which their kill or pause takes down with the driver.
+kills the command's whole process session. The rerun after a kill kills nothing: it is the same command run in the
+test's process on the session's embedded Ray (nightly_flows.run_here), which proves the same without a process's
+start-up. test_nightly.py's first random kill and test_nightly_fence.py keep an embedded Ray each, which their kill
+or pause takes down with the driver (the fence's paused run holds its actors' CPUs: on the shared head the run that
+takes over would find none left for its own).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from conftest import png_bytes, random_image, tar_bytes
 from rayseg.table import MANIFEST_DIR, open_table, read_table
 
 from nightly_flows import (RAYSEG, Site, assert_whole, finish, kill_and_rerun_at_once, kill_session, kill_when_done,
-                          nightly_cmd, snapshot, start, write_shards)
+                          nightly_cmd, run_here, snapshot, start, write_shards)
 
 
 # ---- a kill late in a run ----------------------------------------------------------------------------------
@@ -30,7 +33,7 @@ from nightly_flows import (RAYSEG, Site, assert_whole, finish, kill_and_rerun_at
 
 @pytest.mark.flow("nightly-killed")
 @pytest.mark.timeout(900)
-def test_kill_at_85_percent_redoes_at_most_one_wave(site, env):
+def test_kill_at_85_percent_redoes_at_most_one_wave(site, env, ray_local):
     """20 shards x 10 images, waves of 15% (30 images): SIGKILL once 85% of the images are done (by the run's own
     progress lines), then run again. A model input of 160 makes segmentation, not Ray's start-up, most of a run's
     time, so the kill lands while waves are committing and one is in flight."""
@@ -42,7 +45,7 @@ def test_kill_at_85_percent_redoes_at_most_one_wave(site, env):
     at_kill = snapshot(site)
     assert_whole(at_kill, expected)
     t0 = time.monotonic()
-    rerun = finish(start(cmd, env))
+    rerun, _ = run_here(cmd)  # the rerun kills nothing: in this process, on the session's embedded Ray
     t_rerun = time.monotonic() - t0
     df = snapshot(site)
     assert_whole(df, expected)
@@ -64,13 +67,13 @@ def test_kill_at_85_percent_redoes_at_most_one_wave(site, env):
 
 @pytest.mark.flow("nightly-waves-by-time")
 @pytest.mark.timeout(600)
-def test_waves_by_time_keep_most_of_a_killed_runs_work(site, env):
+def test_waves_by_time_keep_most_of_a_killed_runs_work(site, env, ray_local):
     """Options as a user leaves them but --commit-seconds 1: SIGKILL once 70% of the images are done. At least half
     of what was done is committed (whole shards), and a rerun at once takes over the dead run's lease."""
     expected = write_shards(site, "in", 80, 10)
     cmd = nightly_cmd(site, "in", "--commit-seconds", "1")
     done = kill_when_done(cmd, env, 560)
-    kept = kill_and_rerun_at_once(site, env, cmd, expected, done)
+    kept = kill_and_rerun_at_once(site, None, cmd, expected, done)  # the rerun in this process (run_here)
     # the issue's bar, half of what was done, is for its default options and archive (the 8,000-image test below:
     # 59% locally, 68% on S3); on this small archive with 1 s waves a loaded machine has given 48-81%
     assert 560 <= done < 800 and kept["committed"] >= 0.4 * done
