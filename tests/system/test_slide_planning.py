@@ -93,7 +93,8 @@ def test_a_small_slide_honours_mpp_and_an_input_that_cannot_is_named(ray_local, 
     import cv2
     import pandas as pd
 
-    from rayseg import bigimage, segment
+    from rayseg import bigimage
+    from rayseg.segment import segment
 
     inp = tmp_path / "in"
     inp.mkdir()
