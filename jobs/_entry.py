@@ -13,6 +13,8 @@ import io
 import sys
 import threading
 
+from rayseg.cli import exit_now  # noqa: F401 - the entrypoints exit through it: no module teardown after the summary
+
 
 class _LastLineLast(io.TextIOBase):
     """A stdout that keeps back the latest line until `finish()`; after `hold()`, later output passes straight on."""
@@ -73,11 +75,3 @@ def run(command: str, argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         stdout.finish()
     return rc
-
-
-def exit_now(rc: int):
-    """Exit with the command's status without Python's module teardown (rayseg.cli.exit_now): Ray is already shut
-    down and the summary written, so the job ends 1-2 s sooner."""
-    from rayseg.cli import exit_now as _exit_now
-
-    _exit_now(rc)

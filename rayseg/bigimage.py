@@ -27,10 +27,14 @@ PLAN_FILES = 8  # files whose headers one planning task reads: a header is a few
 MIN_PLAN_BYTES = 1 << 20  # smaller TIFFs are not planned: no image worth regions fits in 1 MiB, and many small files skip a pass
 
 
+REGION_ONLY = ("mpp", "level", "ome_tiff", "cog")  # options only an image read by region honours
+
+
 def region_options(cfg) -> list[str]:
-    """The options given that only an image read by region honours (a pyramid level, an export of its mask)."""
-    return [flag for flag, on in (("--mpp", cfg.mpp is not None), ("--level", bool(cfg.level)), ("--ome-tiff", cfg.ome_tiff),
-                                   ("--cog", cfg.cog)) if on]
+    """The flags of REGION_ONLY given away from their declared defaults (config.OPTIONS)."""
+    from rayseg.config import OPTIONS
+
+    return [f"--{name.replace('_', '-')}" for name in REGION_ONLY if getattr(cfg, name) != OPTIONS[name].default]
 
 
 def plan_files(urls: list[str], storage_options: dict, plan: regions.RegionPlan, intensity: str, output: str,

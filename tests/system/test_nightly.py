@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import png_bytes, random_image, tar_bytes
+from nightly_flows import run_here
 from ray_cluster import session_pids
 from rayseg import models
 from rayseg.errors import UserError
@@ -202,7 +203,6 @@ def test_nightly_driver_killed_at_random_moments(tmp_path, ray_head, ray_local):
     embedded = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     embedded.update(HOME=str(tmp_path), RAY_TMPDIR=ray_tmp)  # the embedded Ray's token and sessions stay in tmp dirs
     joined = ray_head.client_env(HOME=str(tmp_path))
-    opts = {"batch_size": 4, "commit_every": 3, "lease_seconds": 5, "lease_wait": 30}
     cmd = [RAYSEG, "nightly", str(inp), "--output", str(out), "--model", "unet", "--input-size", "32",
            "--batch-size", "4", "--quiet", "--commit-every", "3", "--lease-seconds", "5", "--lease-wait", "30"]
     rng = random.Random(5)
@@ -229,7 +229,7 @@ def test_nightly_driver_killed_at_random_moments(tmp_path, ray_head, ray_local):
                 assert not df.image_id.duplicated().any()
                 assert set(df.image_id) <= expected
                 assert set(df.groupby("shard").size()) <= {3}
-        summary = run(inp, out, **opts)
+        summary, _ = run_here([*cmd, "--actors", "1"])
         assert summary["shards_new"] + summary["shards_skipped"] == 4 and summary["shards_pending"] == 0
         assert_exactly_once(out, expected)
         assert len(read_state(str(out), None).records) == 4

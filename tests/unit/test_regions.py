@@ -261,3 +261,13 @@ def test_deep_images_are_normalised_by_one_image_wide_window(tmp_path):
     right = norm.one(img[:1024, 1024:], None, window)
     assert left.max() < 10 and right.min() > 200, "dim stays dim, bright stays bright"
     assert norm.one(img[:1024, :1024]).max() > 250, "without the window, each region would be stretched on its own"
+
+
+def test_only_the_region_options_given_away_from_their_defaults_are_named():
+    from rayseg.bigimage import region_options
+    from rayseg.cliutil import config_from
+    from rayseg.config import SegmentConfig
+
+    assert region_options(config_from(SegmentConfig, {"inputs": ("a",), "output": "o", "region_size": 512})) == []
+    cfg = config_from(SegmentConfig, {"inputs": ("a",), "output": "o", "mpp": 0.5, "cog": True})
+    assert region_options(cfg) == ["--mpp", "--cog"]
