@@ -115,7 +115,7 @@ def read_table(output: str, storage_options: dict | None = None, table: str = "i
     if is_table(output, storage_options):
         dt = open_table(output, storage_options)
         if night is not None:
-            dt.load_as_version(night_version(dt, night))
+            dt.load_as_version(night_version(output, storage_options, dt.version(), night))
         ds = dt.to_pyarrow_dataset()
         if table == layout.OBJECTS_DIR:  # objects are committed inside their image rows, so both tables are one snapshot
             from rayseg.objects import explode
@@ -127,17 +127,36 @@ def read_table(output: str, storage_options: dict | None = None, table: str = "i
     return pads.dataset(path, filesystem=fs, format="parquet")
 
 
-def night_version(dt, night: str) -> int:
+def night_version(output: str, storage_options: dict | None, newest: int, night: str) -> int:
     """The table version the last run that finished on or before `night` (a UTC date, or "last") committed last.
 
     Every nightly run that finishes marks its last commit (`mark_complete`), so a reader can tell a finished night
     from a run still writing. Commits older than the log's retention (30 days) are no longer listed.
+
+    The commit files are read themselves, from version `newest` down, a batch at a time (one small object each,
+    fetched concurrently): DeltaTable.history lists and parses the whole log, and on some S3 servers it does not
+    return.
     """
-    for entry in dt.history():  # newest first
+    for entry in _commits_newest_first(output, storage_options, newest):
         done = entry.get(NIGHT_KEY)
         if done and (night == "last" or done <= night):
             return int(entry["version"])
     raise ValueError(f"no nightly run had finished by {night} (or its commits are older than the log keeps)")
+
+
+def _commits_newest_first(output: str, storage_options: dict | None, newest: int, batch: int = 32):
+    """Each commit's commitInfo (with its "version"), from version `newest` down to the oldest the log still keeps."""
+    fs, log_dir = storage.filesystem(storage.join(output, layout.IMAGES_DIR, "_delta_log"), storage_options)
+    for top in range(newest, -1, -batch):
+        paths = [posixpath.join(log_dir, f"{v:020d}.json") for v in range(top, max(-1, top - batch), -1)]
+        bodies = fs.cat(paths, on_error="return")
+        for version, path in zip(range(top, -1, -1), paths):
+            body = bodies.get(path)
+            if not isinstance(body, bytes):  # cleaned up: older commits are gone too
+                return
+            info = next((json.loads(line)["commitInfo"] for line in body.decode().splitlines()
+                         if line.strip() and "commitInfo" in json.loads(line)), {})
+            yield {**info, "version": version}
 
 
 # ---- the manifest ------------------------------------------------------------------------------------------

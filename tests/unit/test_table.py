@@ -1,12 +1,14 @@
 """The nightly manifest beside the Delta table: reading it while another run folds it, and what a fold deletes.
 
-Real Delta commits (delta-rs) on a local folder; no Ray.
+Real Delta commits (delta-rs) on a local folder (and a reader on S3, moto on loopback); no Ray.
 """
 
 from __future__ import annotations
 
 import os
 import time
+
+import pytest
 
 from rayseg import commit, layout, table
 
@@ -143,14 +145,16 @@ def test_a_commit_that_fails_twice_then_succeeds_lands_once(tmp_path, monkeypatc
     assert sorted(table.read_state(out, None).records) == ["s://a", "s://b"]
 
 
-def data_commit(out: str, state: table.State, url: str, ids: list[str], n: int) -> None:
+def data_commit(out: str, state: table.State, url: str, ids: list[str], n: int, opts: dict | None = None) -> None:
     """A wave of real rows: a data file of `ids` for shard `url`, committed with its manifest part."""
     import pyarrow as pa
 
+    from rayseg import storage
+
     rows = pa.Table.from_pylist([{"image_id": i, "shard": url} for i in ids], schema=table.NIGHTLY_SCHEMA)
     rel = f"w{n:04d}.parquet"
-    size = table.write_file(rows, os.path.join(out, "images", rel), None)
-    commit.commit(state, out, None, [table.add_action(rel, size, table.FileStats().update(rows))], [], [manifest_row(url)],
+    size = table.write_file(rows, storage.join(out, "images", rel), opts)
+    commit.commit(state, out, opts, [table.add_action(rel, size, table.FileStats().update(rows))], [], [manifest_row(url)],
                  f"r1-w{n:04d}.parquet", generation=1, run_id="r1")
 
 
@@ -158,24 +162,28 @@ def image_ids(out: str, **kw) -> list[str]:
     return sorted(table.read_table(out, **kw).to_table(columns=["image_id"]).column("image_id").to_pylist())
 
 
-def test_a_reader_asks_for_the_last_finished_night_not_a_run_still_writing(tmp_path):
-    import pytest
-
-    out = str(tmp_path / "out")
-    state = table.State({}, table=table.open_table(out, None, create=True))
-    data_commit(out, state, "s://a", ["a0", "a1"], 0)
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_reader_asks_for_the_last_finished_night_not_a_run_still_writing(tmp_path, request, where):
+    """On S3 too (moto on loopback): the nights are found from the commit files, read newest first in batches, so
+    nights further back than one batch (`_commits_newest_first`) are found as well."""
+    out, opts = (str(tmp_path / "out"), None) if where == "local" else request.getfixturevalue("s3")
+    if where == "s3":
+        out += "/out"
+    state = table.State({}, table=table.open_table(out, opts, create=True))
+    data_commit(out, state, "s://a", ["a0", "a1"], 0, opts)
     commit.mark_complete(state, out, 1, "r1", "2026-12-01")
-    data_commit(out, state, "s://b", ["b0"], 1)
+    data_commit(out, state, "s://b", ["b0"], 1, opts)
     commit.mark_complete(state, out, 1, "r1", "2026-12-02")
-    data_commit(out, state, "s://c", ["c0"], 2)  # the third night's run, still writing (or killed)
+    for n in range(2, 36):  # the third night's run, still writing (or killed): more commits than one batch reads
+        data_commit(out, state, f"s://c{n}", [f"c{n}"], n, opts)
 
-    assert image_ids(out) == ["a0", "a1", "b0", "c0"]  # the table as it is now
-    assert image_ids(out, night="last") == ["a0", "a1", "b0"]
-    assert image_ids(out, night="2026-12-01") == ["a0", "a1"]
-    assert image_ids(out, night="2026-12-05") == ["a0", "a1", "b0"]  # a night without a run: as the last one left it
+    assert len(image_ids(out, storage_options=opts)) == 3 + 34  # the table as it is now
+    assert image_ids(out, storage_options=opts, night="last") == ["a0", "a1", "b0"]
+    assert image_ids(out, storage_options=opts, night="2026-12-01") == ["a0", "a1"]
+    assert image_ids(out, storage_options=opts, night="2026-12-05") == ["a0", "a1", "b0"]  # a night without a run: as the last one left it
     with pytest.raises(ValueError, match="no nightly run had finished by 2026-11-30"):
-        table.read_table(out, night="2026-11-30")
-    config = table.open_table(out, None).metadata().configuration
+        table.read_table(out, opts, night="2026-11-30")
+    config = table.open_table(out, opts).metadata().configuration
     assert config["delta.checkpointInterval"] == "100" and config["delta.logRetentionDuration"] == "interval 30 days"
 
 
