@@ -7,7 +7,7 @@ commit them in waves, each exactly once.
 Layout of OUT (read it with `rayseg.read_table(OUT)`; see rayseg/table.py, and rayseg/commit.py for how waves commit):
 
     images/              a Delta table: one row per image, objects (with --objects) inside their image's row
-    _manifest/           the committed shards: URL, size, version, key, file (a snapshot + the parts of recent waves)
+    _manifest/           the committed shards: URL, size, version, key, files (a snapshot + the parts of recent waves)
     _lease.json          the lease of the run writing OUT (rayseg/lease.py)
     _runs/<run id>.json  the summary of each run (also printed)
 
@@ -93,7 +93,7 @@ def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, r
     """One Ray Data plan over the pending shards, committed wave by wave; returns (waves, cluster)."""
     import ray
 
-    from rayseg import progress, runtime
+    from rayseg import progress, runtime, waves
     from rayseg.devices import DeviceLog, gathered
     from rayseg.segment import build_plan, work_units
     from rayseg.waves import WaveWriter
@@ -104,12 +104,22 @@ def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, r
     reporter = progress.Reporter(len(units)) if progress.wants_log_lines(cfg.quiet) else None
     # the counter also keeps the rows of each shard read whole, so waves close on whole shards in any arrival order
     counter = reporter.counter if reporter else progress.Counter.remote()
+    cursor = [0]
+
+    def shard_rows() -> dict[str, int]:  # the shards read whole since the last call
+        new, cursor[0] = ray.get(counter.shard_rows.remote(cursor[0]), timeout=60)
+        return new
+
     try:
         with reporter or contextlib.nullcontext(), gathered(DeviceLog()) as device_log:
-            writer = WaveWriter(pending, state, lease, cfg, key, run_id, lambda: ray.get(counter.shard_rows.remote(), timeout=60))
-            plan = build_plan(cfg, units, bundle, counter, device_log)
-            for batch in plan.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                writer.add(batch)
+            writer = WaveWriter(pending, state, lease, cfg, key, run_id, shard_rows)
+            # workers write the rows (waves.write_stage); only each file's metadata, a row per shard, comes here
+            rows = min(waves.WRITE_ROWS, cfg.commit_every or waves.WRITE_ROWS)
+            plan = build_plan(cfg, units, bundle, counter, device_log).map_batches(
+                waves.write_stage, batch_size=rows, batch_format="pyarrow", zero_copy_batch=True,
+                fn_kwargs={"output": cfg.output, "storage_options": cfg.storage_options, "run_id": run_id}, **runtime.WRITE_ARGS)
+            for meta in plan.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                writer.add(meta)
             writer.finish()
             devices = device_log.devices()
             if reporter:

@@ -51,14 +51,20 @@ class Counter:
     def __init__(self):
         self.units = self.read = self.done = self.errors = 0
         self.rows_of: dict[str, int] = {}
+        self.read_order: list[str] = []  # shards in the order they were first read whole: shard_rows' cursor
 
     def add_read(self, units: int, images: int, rows_of: dict[str, int] | None = None) -> None:
         self.units += units
         self.read += images
-        self.rows_of.update(rows_of or {})  # update, not add: a retried read task reports the same counts again
+        for url, n in (rows_of or {}).items():  # set, not add: a retried read task reports the same counts again
+            if url not in self.rows_of:
+                self.read_order.append(url)
+            self.rows_of[url] = n
 
-    def shard_rows(self) -> dict[str, int]:
-        return self.rows_of
+    def shard_rows(self, since: int = 0) -> tuple[dict[str, int], int]:
+        """({shard: rows} of the shards read whole after the first `since`, the cursor for the next call): a
+        consumer asking often gets what is new, not every shard of the run again."""
+        return {u: self.rows_of[u] for u in self.read_order[since:]}, len(self.read_order)
 
     def add_done(self, images: int, errors: int) -> None:
         self.done += images

@@ -6,13 +6,13 @@ read any rayseg output.
     duckdb.sql("SELECT count(*), count(error) FROM images")
 
 OUT/images/ of a nightly output is a Delta table: its log (`_delta_log/`) says which Parquet files make up each
-version, and each wave of a run is one atomic commit that adds the wave's file and removes the files that held
+version, and each wave of a run is one atomic commit that adds the wave's files (written by workers) and removes the files that held
 earlier rows of the same shards. A reader that goes through the log (read_table, or any Delta reader: DuckDB's
 delta extension, Spark, Polars, deltalake) sees every committed image once; globbing OUT/images/**/*.parquet
 does not (it also sees uncommitted files of a running wave and files replaced but not yet vacuumed).
 
 The manifest says which shards are committed, under which key (model digest + output options) and in which
-file. Each wave writes its manifest rows to OUT/_manifest/parts/ before its commit and names that part in the
+files (a shard's rows can be spread over several files, and a file can hold rows of several shards). Each wave writes its manifest rows to OUT/_manifest/parts/ before its commit and names that part in the
 commit's metadata, so a part counts only once its data is committed: a kill at any moment leaves the two in
 step. Runs fold the parts into one snapshot file (OUT/_manifest/snapshot-<table version>.parquet, named by
 OUT/_manifest/_snapshot.json), so reading the state costs one file plus the commits since the last run.
@@ -40,7 +40,7 @@ log = logging.getLogger("rayseg")
 NIGHTLY_SCHEMA = SCHEMA.append(pa.field("objects", OBJECTS_TYPE))  # objects: null unless --objects
 MANIFEST_DIR, PARTS_DIR, POINTER = "_manifest", "parts", "_snapshot.json"
 MANIFEST_SCHEMA = pa.schema([("shard_url", pa.string()), ("size", pa.int64()), ("version", pa.string()), ("key", pa.string()),
-                             ("file", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()), ("run_id", pa.string()),
+                             ("files", pa.list_(pa.string())), ("rows", pa.int64()), ("errors", pa.int64()), ("run_id", pa.string()),
                              ("committed_at", pa.string())])
 APP_ID = "rayseg-nightly"  # the application transaction id carrying the lease generation
 PART_KEY = "rayseg.manifest_part"
@@ -177,8 +177,8 @@ class State:
         """Data file -> the shards whose rows it holds."""
         out: dict[str, list[str]] = {}
         for url, r in self.records.items():
-            if r["file"]:
-                out.setdefault(r["file"], []).append(url)
+            for rel in r["files"]:
+                out.setdefault(rel, []).append(url)
         return out
 
 
@@ -195,7 +195,11 @@ def _manifest_url(output: str, *parts: str) -> str:
 
 def _read_rows(url: str, storage_options: dict | None) -> list[dict]:
     fs, path = storage.pyarrow_filesystem(url, storage_options)
-    return pq.read_table(path, filesystem=fs, schema=MANIFEST_SCHEMA).to_pylist()
+    t = pq.read_table(path, filesystem=fs)
+    if "files" not in t.column_names and "file" in t.column_names:  # written before a shard could span files
+        one = t["file"].to_pylist()
+        t = t.append_column("files", pa.array([[f] if f else [] for f in one], pa.list_(pa.string())))
+    return t.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA).to_pylist()
 
 
 READ_ATTEMPTS = 5  # a fold between reading the pointer and reading what it names: read the new pointer, this many times
@@ -344,15 +348,11 @@ class FileStats:
         return json.dumps({"numRecords": self.rows, "minValues": self.min, "maxValues": self.max, "nullCount": self.nulls})
 
 
-def add_action(rel: str, size: int, stats: FileStats):
+def add_action(rel: str, size: int, stats: FileStats | str):
+    """A Delta add of data file `rel` (relative to the table); `stats` as FileStats or its json."""
     from deltalake.transaction import AddAction
 
-    return AddAction(rel, size, {}, int(time.time() * 1000), True, stats.json())
-
-
-def file_size(output: str, rel: str, storage_options: dict | None) -> int:
-    fs, path = storage.pyarrow_filesystem(storage.join(output, layout.IMAGES_DIR, rel), storage_options)
-    return fs.get_file_info(path).size
+    return AddAction(rel, size, {}, int(time.time() * 1000), True, stats if isinstance(stats, str) else stats.json())
 
 
 def keep_rows(output: str, storage_options: dict | None, rel: str, keep: list[str]) -> pa.Table:

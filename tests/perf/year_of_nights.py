@@ -39,7 +39,7 @@ def main() -> None:
             rows = pa.Table.from_pylist([{"image_id": f"{url}::0", "shard": url}], schema=table.NIGHTLY_SCHEMA)
             rel = f"{run}-w{w:03d}.parquet"
             size = table.write_file(rows, os.path.join(out, "images", rel), None)
-            part = [{"shard_url": url, "size": 1, "version": "1", "key": "k", "file": rel, "rows": 1, "errors": 0,
+            part = [{"shard_url": url, "size": 1, "version": "1", "key": "k", "files": [rel], "rows": 1, "errors": 0,
                      "run_id": run, "committed_at": "2026-12-04T00:00:00Z"}]
             commit.commit(state, out, None, [table.add_action(rel, size, table.FileStats().update(rows))], [], part,
                          f"{run}-w{w:05d}.parquet", night + 1, run)

@@ -72,7 +72,12 @@ def data_files(out: Path) -> list[str]:
 
 
 @pytest.mark.flow("nightly")
-def test_nightly_commits_each_shard_once(ray_local, tmp_path):
+def test_nightly_commits_each_shard_once(ray_local, tmp_path, monkeypatch):
+    from rayseg import waves
+
+    received = []  # what the driver's wave writer is handed: the workers' file metadata, never rows
+    real_add = waves.WaveWriter.add
+    monkeypatch.setattr(waves.WaveWriter, "add", lambda self, meta: (received.append(meta), real_add(self, meta))[1])
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     expected = {i for s in range(3) for i in write_tar(inp / f"s{s}.tar", 4, s)}
@@ -85,6 +90,8 @@ def test_nightly_commits_each_shard_once(ray_local, tmp_path):
     assert first["failed_shards"] == [f"file://{inp}/broken.tar"]
     assert (first["rows"], first["errors"]) == (13, 1)
     assert_exactly_once(out, expected)
+    assert received and all(m.schema == waves.FILE_SCHEMA for m in received)  # no mask, no image bytes
+    assert sum(m.num_rows for m in received) == 4 and sum(m.nbytes for m in received) < 4096  # a row per (file, shard)
     assert len(read_state(str(out), None).records) == 4
     assert json.loads((out / "_runs" / f"{first['run_id']}.json").read_text())["shards_new"] == 4
     assert json.loads((out / "_lease.json").read_text())["released"]  # at the end of the run

@@ -172,7 +172,7 @@ def test_state_of_100000_shards_reads_in_seconds(site):
     out = site.url("out")
     dt = table.open_table(out, site.opts, create=True)
     rows = [{"shard_url": f"s3://archive/shards/s{i:07d}.tar", "size": 1000, "version": "etag", "key": "k" * 16,
-             "file": f"run/w{i // 100:05d}.parquet", "rows": 100, "errors": 0, "run_id": "run", "committed_at": "t"} for i in range(100_000)]
+             "files": [f"run/w{i // 100:05d}.parquet"], "rows": 100, "errors": 0, "run_id": "run", "committed_at": "t"} for i in range(100_000)]
     assert table.compact_manifest(out, site.opts, table.State({r["shard_url"]: r for r in rows}, dt.version(), -1, dt))
     shards = [storage.Shard(r["shard_url"], "tar", 1000, "etag") for r in rows]
     t0 = time.perf_counter()

@@ -14,7 +14,7 @@ from rayseg import commit, layout, table
 
 
 def manifest_row(url: str, run: str = "r1") -> dict:
-    return {"shard_url": url, "size": 10, "version": "1", "key": "k", "file": None, "rows": 1, "errors": 0,
+    return {"shard_url": url, "size": 10, "version": "1", "key": "k", "files": [], "rows": 1, "errors": 0,
             "run_id": run, "committed_at": "2026-12-04T00:00:00Z"}
 
 
@@ -226,3 +226,18 @@ def test_a_run_that_did_not_end_whole_is_seen_by_the_next(tmp_path):
     commit.fence(out, None, 1, "r1")
     commit_rows(out, table.read_state(out, None), "s://a", "a-1.parquet", 2)  # killed after this wave
     assert not table.last_run_ended_whole(out, None, table.open_table(out, None))
+
+
+def test_a_manifest_written_with_one_file_per_shard_reads_as_a_list_of_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out, state = new_table(tmp_path, ["s://a"])
+    old_schema = pa.schema([("file", pa.string()) if f.name == "files" else f for f in table.MANIFEST_SCHEMA])
+    old = [{**manifest_row("s://b"), "file": "r0/w00001.parquet"}, {**manifest_row("s://c"), "file": ""}]
+    commit.commit(state, out, None, [], [], [manifest_row("s://d")], "r1-w0002.parquet", generation=1, run_id="r1")
+    # the commit's part rewritten as an older rayseg wrote parts (one `file` string per shard), then read back
+    pq.write_table(pa.Table.from_pylist(old, schema=old_schema), os.path.join(parts_dir(out), "r1-w0002.parquet"))
+    records = table.read_state(out, None).records
+    assert records["s://b"]["files"] == ["r0/w00001.parquet"] and records["s://c"]["files"] == []
+    assert table.read_state(out, None).files() == {"r0/w00001.parquet": ["s://b"]}

@@ -1,7 +1,9 @@
-"""Waves close by time (or bytes, or an optional image cap), only at whole shards (no Ray: rows fed by hand)."""
+"""Waves close by time (or bytes, or an optional image cap), only at whole shards; a file commits only with every
+shard in it, a shard only with all its files (no Ray: the write stage run by hand, its metadata fed to the writer)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pyarrow as pa
@@ -11,7 +13,7 @@ from rayseg import table
 from rayseg.config import NightlyConfig
 from rayseg.lease import Lease
 from rayseg.storage import Shard
-from rayseg.waves import WaveWriter
+from rayseg.waves import FILE_SCHEMA, WaveWriter, write_stage
 
 
 def rows(shard: str, ids: range) -> pa.Table:
@@ -28,11 +30,31 @@ def out(tmp_path):
     return str(tmp_path / "out")
 
 
-def writer_for(out: str, lease: Lease, counts: dict, **options) -> WaveWriter:
+class Writer(WaveWriter):
+    """The driver's writer, fed as the plan feeds it: `add(rows)` runs the write stage on the rows (as a worker
+    would) and hands the writer only the metadata it returns."""
+
+    def add(self, *pieces: pa.Table) -> None:
+        meta = write_stage(pa.concat_tables(pieces), self.cfg.output, None, self.run_id)
+        assert meta.schema == FILE_SCHEMA and "mask_png" not in meta.column_names  # no row bytes reach the driver
+        self.seen.append(meta)
+        super().add(meta)
+
+
+def writer_for(out: str, lease: Lease, counts: dict, **options) -> Writer:
     shards = [Shard(f"file:///in/s{i}.tar", "tar", 100, "v1") for i in range(4)]
     cfg = NightlyConfig(inputs=("in",), output=out, **options)
     table.open_table(out, None, create=True)
-    return WaveWriter(shards, table.read_state(out, None), lease, cfg, "key", "run1", lambda: dict(counts))
+    given = set()
+
+    def shard_rows():  # as progress.Counter.shard_rows: what was read whole since the last call
+        new = {u: n for u, n in counts.items() if u not in given}
+        given.update(new)
+        return new
+
+    w = Writer(shards, table.read_state(out, None), lease, cfg, "key", "run1", shard_rows)
+    w.seen = []
+    return w
 
 
 def committed(out: str) -> list[str]:
@@ -70,9 +92,46 @@ def test_an_image_cap_or_a_size_closes_a_wave_before_its_time(out):
     out2 = out + "-mb"
     with Lease(out2, {}, "run1", 30) as lease:
         w = writer_for(out2, lease, counts, commit_seconds=3600, commit_mb=1)
-        big = rows("file:///in/s0.tar", range(2)).set_column(
-            table.SCHEMA.get_field_index("mask_png"), "mask_png", pa.array([b"x" * 2**20] * 2, table.SCHEMA.field("mask_png").type))
+        big = rows("file:///in/s0.tar", range(2)).set_column(  # incompressible: the file is 2 MB too
+            table.SCHEMA.get_field_index("mask_png"), "mask_png", pa.array([os.urandom(2**20)] * 2, table.SCHEMA.field("mask_png").type))
         w.add(big)
         w.add(rows("file:///in/s1.tar", range(2)))
         w.finish()
     assert [x["rows"] for x in w.waves] == [2, 2]  # s0 alone (2 MB), then s1 and the two shards that gave no rows
+
+
+def test_a_shard_over_two_files_commits_with_both_and_a_file_waits_for_all_its_shards(out):
+    s0, s1, s2 = (f"file:///in/s{i}.tar" for i in range(3))
+    counts = {s0: 2, s1: 3, s2: 2}
+    with Lease(out, {}, "run1", 30) as lease:
+        w = writer_for(out, lease, counts, commit_seconds=3600, commit_every=1)  # any whole group commits at once
+        w.add(rows(s0, range(2)), rows(s1, range(1)))  # file A: s0 whole, s1 1 of 3
+        w.add(rows(s1, range(1, 2)))  # file B: s1 2 of 3
+        assert w.waves == [] and committed(out) == []  # s0 is whole, but its file also holds s1, which is not
+        w.add(rows(s1, range(2, 3)), rows(s2, range(1)))  # file C: s1 whole now, s2 1 of 2
+        assert w.waves == []  # C holds part of s2, so A, B and C wait for s2
+        w.add(rows(s2, range(1, 2)))  # file D
+        assert [(x["shards"], x["rows"]) for x in w.waves] == [(3, 7)]  # one wave: the four files and three shards
+        w.finish()
+    ids = committed(out)
+    assert ids == sorted({f"{s}::img{i}" for s, n in counts.items() for i in range(n)})  # every image once
+    records = table.read_state(out, None).records
+    files = [m["file"][0].as_py() for m in w.seen]
+    assert records[s1]["files"] == sorted(files[:3]) and records[s0]["files"] == [files[0]] and records[s2]["files"] == sorted(files[2:])
+    assert all(f.startswith("run1/driver-") for f in files)  # the writer's node (no Ray here: "driver") names its file
+    assert sum(m.nbytes for m in w.seen) < 4096  # what the driver received: a few hundred bytes a file
+
+
+def test_a_file_with_a_shard_still_arriving_is_not_committed_by_a_full_wave(out):
+    s0, s1 = "file:///in/s0.tar", "file:///in/s1.tar"
+    counts = {s0: 1}
+    with Lease(out, {}, "run1", 30) as lease:
+        w = writer_for(out, lease, counts, commit_seconds=3600, commit_every=1)
+        w.add(rows(s0, range(1)))  # a file of its own: whole, committed at once
+        w.add(rows(s0, range(0)), rows(s1, range(1)))  # s1's count is not known yet
+        assert [x["shards"] for x in w.waves] == [1] and committed(out) == [f"{s0}::img0"]
+        assert w.lease.progress["images_in_flight"] == 1
+        counts[s1] = 2
+        w.add(rows(s1, range(1, 2)))
+        w.finish()
+    assert committed(out) == [f"{s0}::img0", f"{s1}::img0", f"{s1}::img1"]
