@@ -24,7 +24,7 @@ from ray_cluster import Cluster, started_pids
 from rayseg.cliutil import config_from_args
 from rayseg.config import SegmentConfig
 from rayseg.errors import UserError
-from rayseg.table import read_table
+from rayseg.table import open_table, read_table
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -150,12 +150,17 @@ def test_jobs_on_a_two_node_cluster(cluster, tmp_path):
     assert (summary["command"], summary["rows"], summary["errors"]) == ("segment", 7, 0)
     rows_once(tmp_path / "seg", expected)
 
-    nightly = f"python jobs/nightly.py {inp} --output {tmp_path}/nightly {OPTS}"
+    # a batch and a wave per image (--commit-every caps the write stage's batch): the 7 images make 7 write tasks
+    nightly = f"python jobs/nightly.py {inp} --output {tmp_path}/nightly --model unet --input-size 32 --quiet --batch-size 1 --commit-every 1"
     status, logs = wait(cluster, submit(cluster, nightly))
     assert status == "SUCCEEDED", logs[-3000:]
     assert (summary_of(logs)["shards_new"], summary_of(logs)["rows"]) == (3, 7)
     assert summary_of(logs)["cluster"]["nodes"] == 2  # the job joined the cluster rather than starting its own Ray
     rows_once(tmp_path / "nightly", expected)
+    # workers wrote the data files, on both nodes: each committed file is named by its writer's node
+    files = open_table(str(tmp_path / "nightly"), None).file_uris()
+    writers = {os.path.basename(f).split("-")[0] for f in files}
+    assert writers == {n["node_id"][:12] for n in cluster.nodes() if n["state"] == "ALIVE"}, (files, summary_of(logs)["waves"])
 
     status, logs = wait(cluster, submit(cluster, nightly))
     assert status == "SUCCEEDED", logs[-3000:]
