@@ -227,8 +227,8 @@ OPTIONS: dict[str, Option] = {
     # nightly
     "commit_seconds": Option(float, 60.0, "commit a wave once this many seconds have passed since the last commit (at the next "
                                           "whole shard); a killed run redoes about this much work", _between(1, 86400, "between 1 and 86400")),
-    "commit_mb": Option(int, 1024, "also commit a wave once its output file reaches this many MB", _at_least(1)),
-    "commit_every": Option(int | None, None, "also commit a wave once it holds this many images (default: no cap)", _at_least(1)),
+    "commit_mb": Option(int, 1024, "also commit a wave once its data files reach this many MB", _at_least(1)),
+    "commit_every": Option(int | None, None, "also commit a wave once it holds this many images (default: no cap); also caps the rows per data file", _at_least(1)),
     "lease_seconds": Option(float, 300.0, "a run's lease on OUT lasts this long unless renewed (every third of it); "
                                           "the lease of a killed run expires after it", _between(5, 86400, "between 5 and 86400")),
     "lease_wait": Option(float, 0.0, "seconds to wait for another run's lease on OUT before giving up (0: give up at once)",

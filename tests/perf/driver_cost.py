@@ -6,7 +6,10 @@ large archive so that start-up (imports, Ray, the model) cancels out.
     rayseg synth /tmp/dc/in4000 --layout tar --count 4000 --shards 40 --min-size 256 --max-size 256
     python tests/perf/driver_cost.py /tmp/dc/in400 /tmp/dc/in4000
 
-Each size runs in a fresh process (embedded Ray, pointwise model, 2 classes, default options but --quiet).
+Each size runs in a fresh process: an embedded Ray (`ray.init(num_cpus=2)`, started before the measurement), then
+`rayseg.nightly.nightly` in that process (pointwise model, 2 classes, default options but --quiet). The bytes are
+those of every batch the driver iterates: since workers write the data files, the write stage's file metadata.
+To measure another checkout, run this script with PYTHONPATH pointing at it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ import time
 
 
 def one(inputs: str, out: str) -> dict:
+    import ray
     import ray.data
+
+    from rayseg.runtime import LOCAL_SYSTEM_CONFIG
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG)
 
     from rayseg.nightly import NightlyConfig, nightly
 
@@ -35,7 +43,7 @@ def one(inputs: str, out: str) -> dict:
     ray.data.Dataset.iter_batches = counted
     before = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    summary = nightly(NightlyConfig(inputs=(inputs,), output=out, model="pointwise", num_classes=2, quiet=True, address="local"))
+    summary = nightly(NightlyConfig(inputs=(inputs,), output=out, model="pointwise", num_classes=2, quiet=True))
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"rows": summary["rows"], "waves": len(summary["waves"]), "driver_cpu_s": round(cpu, 2),
