@@ -23,6 +23,7 @@ import pytest
 
 from conftest import png_bytes, random_image, tar_bytes
 from rayseg.table import MANIFEST_DIR, open_table, read_table
+from rayseg.waves import WRITE_ROWS
 
 from nightly_flows import (RAYSEG, Site, assert_whole, finish, kill_and_rerun_at_once, kill_session, kill_when_done,
                           nightly_cmd, run_here, snapshot, start, write_shards)
@@ -136,7 +137,8 @@ def test_8000_images_default_options_killed_at_70_percent(site, env):
 
 @pytest.mark.timeout(600)
 def test_loose_files_make_few_files_and_a_rerun_is_instant(ray_local, tmp_path):
-    """3,000 loose PNGs, waves of 1,000: 3 data files, one manifest snapshot; nothing new answers without Ray."""
+    """3,000 loose PNGs, waves of 1,000: data files of up to waves.WRITE_ROWS rows each (workers write them), one
+    manifest snapshot; nothing new answers without Ray."""
     from rayseg.config import NightlyConfig
     from rayseg.nightly import nightly
 
@@ -152,7 +154,8 @@ def test_loose_files_make_few_files_and_a_rerun_is_instant(ray_local, tmp_path):
     files = open_table(str(out), None).file_uris()
     manifest = sorted(p.name for p in (out / MANIFEST_DIR).rglob("*") if p.is_file())
     print(f"3000 loose files: {len(files)} data files, manifest files {manifest}, run {first['elapsed_s']} s")
-    assert len(files) <= -(-3000 // 1000)  # bound: ceil(images / --commit-every), each also under --commit-mb
+    # bound: a file per write task batch of WRITE_ROWS rows, and at most one short remainder per write task
+    assert len(files) <= 2 * -(-3000 // WRITE_ROWS)
     assert len(manifest) == 2 and manifest[0] == "_snapshot.json"  # one snapshot + its pointer, whatever the file count
     assert read_table(str(out)).count_rows() == 3000
     again = nightly(cfg)
