@@ -85,11 +85,45 @@ def write_stage(batch: pa.Table, output: str, storage_options: dict | None, run_
     return pa.Table.from_pylist(meta, schema=FILE_SCHEMA)
 
 
-def keep_rows_file(output: str, storage_options: dict | None, rel: str, keep: list[str], new_rel: str) -> tuple[int, str]:
-    """Copy the rows of `keep` shards out of data file `rel` into `new_rel`; returns (size, Delta stats json)."""
+def keep_rows_file(output: str, storage_options: dict | None, rel: str, keep: list[str], folder: str) -> tuple[str, int, str]:
+    """Copy the rows of `keep` shards out of data file `rel` into a new file in `folder` (relative to the table);
+    returns (its path relative to the table, its size, its Delta stats json)."""
     kept = table.keep_rows(output, storage_options, rel, keep)
+    new_rel = f"{folder}/{node_id()[:12]}-kept-{uuid.uuid4().hex}.parquet"
     size = table.write_file(kept, storage.join(output, layout.IMAGES_DIR, new_rel), storage_options)
-    return size, table.FileStats().update(kept).json()
+    return new_rel, size, table.FileStats().update(kept).json()
+
+
+def split_file(output: str, storage_options: dict | None, rel: str, keep: list[str], folder: str):
+    """Split uncommitted data file `rel` in two: the rows of `keep` shards, and the others. Returns ((path, size,
+    stats json) of each part, the node that wrote them); paths relative to the table. `rel` is left for the driver
+    to delete once the parts are committed or waiting (a task run again still finds it)."""
+    import pyarrow.compute as pc
+
+    fs, path = storage.pyarrow_filesystem(storage.join(output, layout.IMAGES_DIR, rel), storage_options)
+    rows = pq.read_table(path, filesystem=fs, schema=table.NIGHTLY_SCHEMA)
+    mine = pc.is_in(rows["shard"], pa.array(keep, pa.string()))
+    node = node_id()
+    out = []
+    for part in (rows.filter(mine), rows.filter(pc.invert(mine))):
+        new_rel = f"{folder}/{node[:12]}-{uuid.uuid4().hex}.parquet"
+        size = table.write_file(part, storage.join(output, layout.IMAGES_DIR, new_rel), storage_options)
+        out.append((new_rel, size, table.FileStats().update(part).json()))
+    return out[0], out[1], node
+
+
+def run_tasks(fn, calls: list[tuple]) -> list:
+    """fn(*args) for each args in `calls`, as Ray tasks run at once on the cluster; in this process without Ray."""
+    if not calls:
+        return []
+    import ray
+
+    if not ray.is_initialized():
+        return [fn(*args) for args in calls]
+    from rayseg import runtime
+
+    task = ray.remote(**runtime.WRITE_ARGS, max_retries=3)(fn)
+    return ray.get([task.remote(*args) for args in calls])
 
 
 class _File:
@@ -111,20 +145,12 @@ class WaveWriter:
         self.state, self.lease, self.cfg, self.key, self.run_id = state, lease, cfg, key, run_id
         self.so, self.shard_rows = cfg.storage_options, shard_rows
         self.expected: dict[str, int] = {}  # rows each shard gave, once it was read whole
-        self.received: dict[str, int] = {}  # rows of each shard in the files received so far
+        self.received: dict[str, list[int]] = {}  # [rows, errors] of each pending shard in the files received so far
         self.files: dict[str, _File] = {}  # files received and not yet committed
-        self.files_of: dict[str, set[str]] = {}  # shard -> its files not yet committed
-        self.written: set[str] = set()  # shards in a wave (this one or a committed one)
-        self.nodes: set[str] = set()  # nodes whose files were committed
+        self.files_of: dict[str, set[str]] = {}  # pending shard -> its files
+        self.written: set[str] = set()  # shards committed (or in the wave being committed)
         self.waves: list[dict] = []
         self.since: float | None = None  # monotonic time of the last commit, or of the first file
-        self._reset()
-
-    def _reset(self) -> None:
-        self.wave_files: list[_File] = []
-        self.wave: list[Shard] = []
-        self.per_shard: dict[str, list[int]] = {}  # url -> [rows, errors] in this wave
-        self.rows = self.bytes = 0
 
     @property
     def committed_images(self) -> int:
@@ -137,114 +163,111 @@ class WaveWriter:
         if self.since is None:
             self.since = time.monotonic()
         for m in meta.to_pylist():
-            if m["shard"] not in self.by_url:
-                raise RuntimeError(f"the plan gave a row for {m['shard']}, which is not pending")
+            url = m["shard"]
+            if url not in self.by_url or url in self.written:
+                raise RuntimeError(f"the plan gave a row for {url}, which is not pending")
             f = self.files.get(m["file"])
             if f is None:
                 f = self.files[m["file"]] = _File(m["file"], m["bytes"], m["stats"], m["node"])
-            f.shards[m["shard"]] = [m["rows"], m["errors"]]
-            self.files_of.setdefault(m["shard"], set()).add(m["file"])
-            self.received[m["shard"]] = self.received.get(m["shard"], 0) + m["rows"]
+            f.shards[url] = [m["rows"], m["errors"]]
+            self.files_of.setdefault(url, set()).add(m["file"])
+            counts = self.received.setdefault(url, [0, 0])
+            counts[0] += m["rows"]
+            counts[1] += m["errors"]
         if any(u not in self.expected for u in self.files_of):
             self.expected.update(self.shard_rows())
-        self._take_complete(lambda u: u in self.expected and self.received[u] >= self.expected[u])
+        whole = [u for u in self.files_of if u in self.expected and self.received[u][0] >= self.expected[u]]
+        if whole and self._full(whole):
+            self.close(whole)
         self._progress()
 
-    def _take_complete(self, whole) -> None:
-        """Move each closed group of files and shards whose shards are all `whole` into the wave, one at a time."""
-        seen: set[str] = set()
-        for url in list(self.files_of):
-            if url in seen or url not in self.files_of:
-                continue
-            shards, files = self._group(url)
-            seen |= shards
-            if all(whole(u) for u in shards):
-                self._add_to_wave(shards, files)
-
-    def _group(self, url: str) -> tuple[set[str], set[str]]:
-        """The shards and files linked to `url` through files they share: what must commit together."""
-        shards, files, todo = {url}, set(), [url]
-        while todo:
-            for rel in self.files_of[todo.pop()]:
-                if rel not in files:
-                    files.add(rel)
-                    for u in self.files[rel].shards:
-                        if u not in shards:
-                            shards.add(u)
-                            todo.append(u)
-        return shards, files
-
-    def _add_to_wave(self, shards: set[str], files: set[str]) -> None:
-        for rel in sorted(files):
-            f = self.files.pop(rel)
-            self.wave_files.append(f)
-            self.bytes += f.bytes
-            for u, (n, e) in f.shards.items():
-                counts = self.per_shard.setdefault(u, [0, 0])
-                counts[0] += n
-                counts[1] += e
-                self.rows += n
-        for u in sorted(shards):
-            del self.files_of[u]
-            self.wave.append(self.by_url[u])
-            self.written.add(u)
-        if self._full():
-            self.close()
-
-    def _full(self) -> bool:
+    def _full(self, whole: list[str]) -> bool:
         cap = self.cfg.commit_every
-        return (time.monotonic() - (self.since or 0) >= self.cfg.commit_seconds or self.bytes >= self.cfg.commit_mb * 2**20
-                or (cap is not None and self.rows >= cap))
+        rows = sum(self.received[u][0] for u in whole)
+        if time.monotonic() - (self.since or 0) >= self.cfg.commit_seconds or (cap is not None and rows >= cap):
+            return True
+        share = {rel: 0 for u in whole for rel in self.files_of[u]}  # each file's bytes, by its rows of whole shards
+        for u in whole:
+            for rel in self.files_of[u]:
+                share[rel] += self.files[rel].shards[u][0]
+        return sum(self.files[rel].bytes * n / sum(c[0] for c in self.files[rel].shards.values())
+                   for rel, n in share.items()) >= self.cfg.commit_mb * 2**20
 
     def _progress(self) -> None:
-        arriving = sum(self.received[u] for u in self.files_of)
-        self.lease.progress = {"committed_images": self.committed_images, "images_in_flight": self.rows + arriving,
-                               "shards_in_flight": len(self.per_shard) + len(self.files_of), "waves_committed": len(self.waves)}
+        self.lease.progress = {"committed_images": self.committed_images,
+                               "images_in_flight": sum(self.received[u][0] for u in self.files_of),
+                               "shards_in_flight": len(self.files_of), "waves_committed": len(self.waves)}
 
     def finish(self) -> None:
         """The plan is done, so every shard is complete; shards that gave no rows are committed with none."""
-        self._take_complete(lambda u: True)
-        for url in self.by_url:
-            if url not in self.written:
-                self.wave.append(self.by_url[url])
-                self.written.add(url)
-        if self.wave:
-            self.close()
+        self.close(list(self.files_of), empty=[u for u in self.by_url if u not in self.written and u not in self.files_of])
 
-    def close(self) -> None:
-        """Commit the wave: its files, and a manifest row for each of its shards."""
+    def close(self, whole: list[str], empty: list[str] = ()) -> None:
+        """Commit a wave: the `whole` shards, with all of their files, and a manifest row for each (and for `empty`).
+
+        A file that also holds rows of shards still arriving is split first, by a Ray task: the whole shards' rows
+        into a file committed now, the others' into a file that waits for them. Without the split a file would wait
+        for the shards it shares with the next file, that file for the one after it, and so on to the end of the
+        run, since the actors' rows interleave (`split_file`)."""
+        if not whole and not empty:
+            return
         t0 = time.perf_counter()
         number = len(self.waves) + 1
-        adds = [table.add_action(f.rel, f.bytes, f.stats) for f in self.wave_files]
-        files_of: dict[str, list[str]] = {}
-        for f in self.wave_files:
-            for u in f.shards:
-                files_of.setdefault(u, []).append(f.rel)
-        shards = self.wave
+        taken = set(whole)
+        mixed = sorted({rel for u in whole for rel in self.files_of[u] if set(self.files[rel].shards) - taken})
+        jobs = {rel: sorted(taken & set(self.files[rel].shards)) for rel in mixed}
+        parts = dict(zip(jobs, run_tasks(split_file, [(self.cfg.output, self.so, rel, keep, self.run_id) for rel, keep in jobs.items()])))
+        adds, files_of = [], {u: [] for u in whole}
+        for rel in sorted({rel for u in whole for rel in self.files_of[u]}):
+            f = self.files.pop(rel)
+            if rel in parts:  # the whole shards' part is committed; the rest waits, as a file of its own
+                (now, size, stats), (rest, rest_size, rest_stats), node = parts[rel]
+                adds.append(table.add_action(now, size, stats))
+                left = self.files[rest] = _File(rest, rest_size, rest_stats, node)
+                for u, counts in f.shards.items():
+                    if u in taken:
+                        files_of[u].append(now)
+                    else:
+                        left.shards[u] = counts
+                        self.files_of[u].discard(rel)
+                        self.files_of[u].add(rest)
+            else:
+                adds.append(table.add_action(rel, f.bytes, f.stats))
+                for u in f.shards:
+                    files_of[u].append(rel)
+        shards = [self.by_url[u] for u in sorted(taken)] + [self.by_url[u] for u in empty]
+        counts = {u: self.received.pop(u) for u in whole}
+        for u in whole:
+            del self.files_of[u]
+        self.written.update(s.url for s in shards)
         redone = {s.url for s in shards if s.url in self.state.records}
-        extra, removes, moved = self._replace(redone, number)
-        now = layout.now().isoformat()
+        extra, removes, moved = self._replace(redone)
+        now_iso = layout.now().isoformat()
         part = [{"shard_url": s.url, "size": s.size, "version": s.version, "key": self.key, "files": sorted(files_of.get(s.url, [])),
-                 "rows": self.per_shard.get(s.url, [0, 0])[0], "errors": self.per_shard.get(s.url, [0, 0])[1],
-                 "run_id": self.run_id, "committed_at": now} for s in shards]
+                 "rows": counts.get(s.url, [0, 0])[0], "errors": counts.get(s.url, [0, 0])[1],
+                 "run_id": self.run_id, "committed_at": now_iso} for s in shards]
         part += moved
+        rows = sum(c[0] for c in counts.values())
         self._progress()
+        self.lease.progress["images_in_flight"] += rows  # the wave's rows are not committed until the commit below
         self.lease.renew(self.lease.progress)  # fails if another run has taken the lease: nothing is committed then
         log.info("wave %d: lease renewed, committing %d shards", number, len(shards))
         version = commit.commit(self.state, self.cfg.output, self.so, adds + extra, removes, part,
                                f"{self.run_id}-w{number:05d}.parquet", self.lease.generation, self.run_id)
-        nodes = sorted({f.node for f in self.wave_files})
-        self.nodes.update(nodes)
-        wave = {"wave": number, "shards": len(shards), "rows": self.rows, "errors": sum(c[1] for c in self.per_shard.values()),
-                "replaced_shards": len(redone), "files_removed": len(removes),
-                "table_version": version, "commit_s": round(time.perf_counter() - t0, 3)}
+        wave = {"wave": number, "shards": len(shards), "rows": rows, "errors": sum(c[1] for c in counts.values()),
+                "replaced_shards": len(redone), "files_removed": len(removes), "table_version": version,
+                "commit_s": round(time.perf_counter() - t0, 3)}
         self.waves.append(wave)
         self.since = time.monotonic()
-        log.info("wave %d committed: %d shards, %d images in %d files written on %d nodes (table version %d)", wave["wave"],
-                 wave["shards"], wave["rows"], len(self.wave_files), len(nodes), version)
-        self._reset()
+        if parts:  # no commit names the files that were split: their rows are in the parts now
+            fs, _ = storage.pyarrow_filesystem(storage.join(self.cfg.output, layout.IMAGES_DIR), self.so)
+            for rel in parts:
+                fs.delete_file(storage.pyarrow_filesystem(storage.join(self.cfg.output, layout.IMAGES_DIR, rel), self.so)[1])
+        log.info("wave %d committed: %d shards, %d images in %d files, %d of them split (table version %d)", wave["wave"],
+                 wave["shards"], rows, len(adds), len(parts), version)
+        self._progress()
 
-    def _replace(self, redone: set[str], number: int) -> tuple[list, list[str], list[dict]]:
+    def _replace(self, redone: set[str]) -> tuple[list, list[str], list[dict]]:
         """Files holding old rows of `redone` shards: (adds of the rows to keep, files to remove, moved manifest rows).
 
         The rows to keep are copied by Ray tasks, all at once, on the cluster: the driver reads no data file."""
@@ -252,25 +275,12 @@ class WaveWriter:
             return [], [], []
         by_file = self.state.files()
         old = sorted({rel for u in redone for rel in self.state.records[u]["files"]})
-        jobs = {}
-        for n, rel in enumerate(old):
-            keep = sorted(u for u in by_file.get(rel, []) if u not in redone)
-            if keep:  # copy the other shards' rows into this run's folder; their manifest rows move with them
-                jobs[rel] = (f"{self.run_id}/w{number:05d}-kept{n}-{uuid.uuid4().hex[:8]}.parquet", keep)
-        copied = dict(zip(jobs, _copy_kept(self.cfg.output, self.so, jobs))) if jobs else {}
-        adds = [table.add_action(jobs[rel][0], size, stats) for rel, (size, stats) in copied.items()]
-        renamed = {rel: new for rel, (new, _) in jobs.items()}
-        moved_urls = sorted({u for _, keep in jobs.values() for u in keep})
-        moved = [{**self.state.records[u], "files": sorted(renamed.get(rel, rel) for rel in self.state.records[u]["files"])}
+        # copy the other shards' rows of each old file into this run's folder; their manifest rows move with them
+        jobs = {rel: keep for rel in old if (keep := sorted(u for u in by_file.get(rel, []) if u not in redone))}
+        copied = dict(zip(jobs, run_tasks(keep_rows_file, [(self.cfg.output, self.so, rel, keep, self.run_id) for rel, keep in jobs.items()])))
+        adds = [table.add_action(new, size, stats) for new, size, stats in copied.values()]
+        moved_urls = sorted({u for keep in jobs.values() for u in keep})
+        moved = [{**self.state.records[u], "files": sorted(copied[rel][0] if rel in copied else rel for rel in self.state.records[u]["files"])}
                  for u in moved_urls]
         return adds, old, moved
 
-
-def _copy_kept(output: str, storage_options: dict | None, jobs: dict[str, tuple[str, list[str]]]) -> list[tuple[int, str]]:
-    """keep_rows_file for each (old file -> (new file, shards to keep)) as Ray tasks; [(size, stats)] in order."""
-    import ray
-
-    from rayseg import runtime
-
-    task = ray.remote(**runtime.WRITE_ARGS, max_retries=3)(keep_rows_file)
-    return ray.get([task.remote(output, storage_options, rel, keep, new) for rel, (new, keep) in jobs.items()])

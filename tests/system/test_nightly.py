@@ -115,6 +115,9 @@ def test_nightly_commits_each_shard_once(ray_local, tmp_path, monkeypatch):
     fourth = run(inp, out, checkpoint=ckpt_a)
     assert (fourth["shards_new"], fourth["shards_changed"], fourth["rows"]) == (1, 1, 2)
     assert_exactly_once(out, expected)
+    # the other shards' rows in s0's old files were copied to new files (by Ray tasks): the manifest names those
+    live = {os.path.basename(u) for u in data_files(out)}
+    assert all(os.path.basename(f) in live for r in read_state(str(out), None).records.values() for f in r["files"])
 
     # A new model reprocesses every shard; the old model's rows are replaced, not kept beside the new ones.
     fifth = run(inp, out, checkpoint=ckpt_b)

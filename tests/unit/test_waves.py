@@ -100,38 +100,57 @@ def test_an_image_cap_or_a_size_closes_a_wave_before_its_time(out):
     assert [x["rows"] for x in w.waves] == [2, 2]  # s0 alone (2 MB), then s1 and the two shards that gave no rows
 
 
-def test_a_shard_over_two_files_commits_with_both_and_a_file_waits_for_all_its_shards(out):
+def table_files(out: str) -> list[str]:
+    return [os.path.relpath(u.removeprefix("file://"), os.path.join(out, "images")) for u in table.open_table(out, None).file_uris()]
+
+
+def shards_in(out: str, rel: str) -> set[str]:
+    import pyarrow.parquet as pq
+
+    return set(pq.read_table(os.path.join(out, "images", rel), columns=["shard"]).column("shard").to_pylist())
+
+
+def test_a_shard_over_several_files_commits_with_all_of_them_and_no_file_holds_a_shard_still_arriving(out):
     s0, s1, s2 = (f"file:///in/s{i}.tar" for i in range(3))
     counts = {s0: 2, s1: 3, s2: 2}
     with Lease(out, {}, "run1", 30) as lease:
-        w = writer_for(out, lease, counts, commit_seconds=3600, commit_every=1)  # any whole group commits at once
-        w.add(rows(s0, range(2)), rows(s1, range(1)))  # file A: s0 whole, s1 1 of 3
+        w = writer_for(out, lease, counts, commit_seconds=3600, commit_every=1)  # any whole shard commits at once
+        w.add(rows(s1, range(1)))  # file A: s1 1 of 3
         w.add(rows(s1, range(1, 2)))  # file B: s1 2 of 3
-        assert w.waves == [] and committed(out) == []  # s0 is whole, but its file also holds s1, which is not
-        w.add(rows(s1, range(2, 3)), rows(s2, range(1)))  # file C: s1 whole now, s2 1 of 2
-        assert w.waves == []  # C holds part of s2, so A, B and C wait for s2
+        assert w.waves == [] and committed(out) == []
+        w.add(rows(s0, range(2)), rows(s1, range(2, 3)), rows(s2, range(1)))  # file C: s0 whole, s1 whole now, s2 1 of 2
+        # s0 and s1 commit, s1 with A, B and its part of C: C also holds s2, which is still arriving, so C is split
+        # (s2's row waits in a file of its own) and no committed file holds a row of s2
+        assert [(x["shards"], x["rows"]) for x in w.waves] == [(2, 5)]
+        assert committed(out) == sorted([f"{s0}::img{i}" for i in range(2)] + [f"{s1}::img{i}" for i in range(3)])
+        files = table_files(out)
+        assert len(files) == 3 and all(s2 not in shards_in(out, rel) for rel in files)
+        records = table.read_state(out, None).records
+        assert len(records[s1]["files"]) == 3 and len(records[s0]["files"]) == 1 and set(records[s0]["files"]) < set(records[s1]["files"])
+        assert w.lease.progress["images_in_flight"] == 1  # s2's first row, in its own file, uncommitted
         w.add(rows(s2, range(1, 2)))  # file D
-        assert [(x["shards"], x["rows"]) for x in w.waves] == [(3, 7)]  # one wave: the four files and three shards
         w.finish()
     ids = committed(out)
     assert ids == sorted({f"{s}::img{i}" for s, n in counts.items() for i in range(n)})  # every image once
-    records = table.read_state(out, None).records
-    files = [m["file"][0].as_py() for m in w.seen]
-    assert records[s1]["files"] == sorted(files[:3]) and records[s0]["files"] == [files[0]] and records[s2]["files"] == sorted(files[2:])
-    assert all(f.startswith("run1/driver-") for f in files)  # the writer's node (no Ray here: "driver") names its file
+    assert len(table.read_state(out, None).records[s2]["files"]) == 2
+    on_disk = {os.path.relpath(os.path.join(d, f), os.path.join(out, "images")) for d, _, fs in os.walk(os.path.join(out, "images"))
+               for f in fs if f.endswith(".parquet")}
+    assert on_disk == set(table_files(out))  # the split file is gone: nothing is left for a vacuum
+    assert all(rel.startswith("run1/driver-") for rel in on_disk)  # the writer's node (no Ray here: "driver") names each file
     assert sum(m.nbytes for m in w.seen) < 4096  # what the driver received: a few hundred bytes a file
 
 
-def test_a_file_with_a_shard_still_arriving_is_not_committed_by_a_full_wave(out):
+def test_a_file_waits_while_its_shard_is_arriving(out):
     s0, s1 = "file:///in/s0.tar", "file:///in/s1.tar"
     counts = {s0: 1}
     with Lease(out, {}, "run1", 30) as lease:
         w = writer_for(out, lease, counts, commit_seconds=3600, commit_every=1)
         w.add(rows(s0, range(1)))  # a file of its own: whole, committed at once
-        w.add(rows(s0, range(0)), rows(s1, range(1)))  # s1's count is not known yet
+        w.add(rows(s1, range(1)))  # s1's count is not known yet
         assert [x["shards"] for x in w.waves] == [1] and committed(out) == [f"{s0}::img0"]
         assert w.lease.progress["images_in_flight"] == 1
         counts[s1] = 2
         w.add(rows(s1, range(1, 2)))
+        assert committed(out) == [f"{s0}::img0", f"{s1}::img0", f"{s1}::img1"]
         w.finish()
-    assert committed(out) == [f"{s0}::img0", f"{s1}::img0", f"{s1}::img1"]
+    assert [x["rows"] for x in w.waves] == [1, 2, 0]  # the last: the two shards that gave no rows
