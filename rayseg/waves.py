@@ -7,10 +7,11 @@ writer's node, and the shard's rows and errors in it. No row of images or masks 
 
 Files reach the driver in any order, as the tasks finish them. A shard can be spread over several files and a file
 can hold rows of several shards. The read stage tells a progress.Counter how many rows each shard gave, so the
-driver (`WaveWriter`) knows when it holds all of a shard. A file can be committed only once every shard with rows
-in it is whole, and a shard only together with all of its files: the driver commits such closed groups of files
-and shards. When a group is ready and --commit-seconds have passed since the last commit (for the first wave:
-since the first file arrived), or the wave's files reached --commit-mb megabytes, or it holds --commit-every images
+driver (`WaveWriter`) knows when it holds all of a shard. A wave commits whole shards only, each with all of its
+files, and no committed file holds a row of a shard still arriving: a file that also holds such rows is split
+first by a Ray task (`split_file`), the whole shards' rows into a file committed now, the rest into one that
+waits. When a shard is whole and --commit-seconds have passed since the last commit (for the first wave: since
+the writer started), or the whole shards' files reached --commit-mb megabytes, or they hold --commit-every images
 (a cap, off by default), the wave is committed (commit.commit) and the next wave starts. Time, not a count, bounds
 what a kill loses whatever the model, cluster or backlog: the wave in flight, the shards still arriving and the
 rows a write task is gathering (fewer than WRITE_ROWS per task); their files are never committed, and a later full
@@ -150,7 +151,9 @@ class WaveWriter:
         self.files_of: dict[str, set[str]] = {}  # pending shard -> its files
         self.written: set[str] = set()  # shards committed (or in the wave being committed)
         self.waves: list[dict] = []
-        self.since: float | None = None  # monotonic time of the last commit, or of the first file
+        # monotonic time of the last commit, or of the start (files come in steps of WRITE_ROWS rows: timed from the
+        # first file, a short run on a small cluster made its first commit near its end)
+        self.since = time.monotonic()
 
     @property
     def committed_images(self) -> int:
@@ -160,8 +163,6 @@ class WaveWriter:
         """Metadata rows of the write stage (FILE_SCHEMA)."""
         if not meta.num_rows:
             return
-        if self.since is None:
-            self.since = time.monotonic()
         for m in meta.to_pylist():
             url = m["shard"]
             if url not in self.by_url or url in self.written:
@@ -184,7 +185,7 @@ class WaveWriter:
     def _full(self, whole: list[str]) -> bool:
         cap = self.cfg.commit_every
         rows = sum(self.received[u][0] for u in whole)
-        if time.monotonic() - (self.since or 0) >= self.cfg.commit_seconds or (cap is not None and rows >= cap):
+        if time.monotonic() - self.since >= self.cfg.commit_seconds or (cap is not None and rows >= cap):
             return True
         share = {rel: 0 for u in whole for rel in self.files_of[u]}  # each file's bytes, by its rows of whole shards
         for u in whole:
