@@ -112,19 +112,21 @@ def read_table(output: str, storage_options: dict | None = None, table: str = "i
         raise ValueError(f"table must be {layout.IMAGES_DIR!r} or {layout.OBJECTS_DIR!r}")
     if night is not None and not is_table(output, storage_options):
         raise ValueError(f"{output} is not a nightly output: only a nightly output has nights")
-    if is_table(output, storage_options):
-        dt = open_table(output, storage_options)
-        if night is not None:
-            dt.load_as_version(night_version(output, storage_options, dt.version(), night))
-        ds = dt.to_pyarrow_dataset()
-        if table == layout.OBJECTS_DIR:  # objects are committed inside their image rows, so both tables are one snapshot
-            from rayseg.objects import explode
+    if not is_table(output, storage_options):
+        fs, path = storage.pyarrow_filesystem(storage.join(output, table), storage_options)
+        ds = pads.dataset(path, filesystem=fs, format="parquet")
+        if not is_table(output, storage_options):  # looked again: a nightly run may have created its table since
+            return ds
+    dt = open_table(output, storage_options)
+    if night is not None:
+        dt.load_as_version(night_version(output, storage_options, dt.version(), night))
+    ds = dt.to_pyarrow_dataset()
+    if table == layout.OBJECTS_DIR:  # objects are committed inside their image rows, so both tables are one snapshot
+        from rayseg.objects import explode
 
-            rows = ds.to_table(columns=["image_id", "objects"], filter=pads.field("objects").is_valid())
-            return pads.dataset(explode(rows))
-        return ds
-    fs, path = storage.pyarrow_filesystem(storage.join(output, table), storage_options)
-    return pads.dataset(path, filesystem=fs, format="parquet")
+        rows = ds.to_table(columns=["image_id", "objects"], filter=pads.field("objects").is_valid())
+        return pads.dataset(explode(rows))
+    return ds
 
 
 def night_version(output: str, storage_options: dict | None, newest: int, night: str) -> int:

@@ -241,3 +241,24 @@ def test_a_manifest_written_with_one_file_per_shard_reads_as_a_list_of_files(tmp
     records = table.read_state(out, None).records
     assert records["s://b"]["files"] == ["r0/w00001.parquet"] and records["s://c"]["files"] == []
     assert table.read_state(out, None).files() == {"r0/w00001.parquet": ["s://b"]}
+
+
+
+def test_a_table_created_between_the_readers_two_looks_is_read_through_its_log(tmp_path, monkeypatch):
+    """A reader that first finds no table (a nightly run creating it at that moment) and then lists OUT/images
+    reads the table through its log: not an empty folder without columns, and not a file no commit names."""
+    import pyarrow as pa
+
+    out, state = new_table(tmp_path, [])
+    data_commit(out, state, "s://a", ["a0", "a1"], 0)
+    stray = pa.Table.from_pylist([{"image_id": "x0", "shard": "s://x"}], schema=table.NIGHTLY_SCHEMA)
+    table.write_file(stray, os.path.join(out, "images", "run2", "w-uncommitted.parquet"), None)
+    real, looks = table.is_table, []
+
+    def first_look_before_the_table(*args):
+        looks.append(1)
+        return len(looks) > 1 and real(*args)
+
+    monkeypatch.setattr(table, "is_table", first_look_before_the_table)
+    assert image_ids(out) == ["a0", "a1"]
+    assert len(looks) >= 2
