@@ -18,37 +18,48 @@ def manifest_row(url: str, run: str = "r1") -> dict:
             "run_id": run, "committed_at": "2026-12-04T00:00:00Z"}
 
 
-def commit_shard(out: str, state: table.State, url: str, n: int) -> None:
-    commit.commit(state, out, None, [], [], [manifest_row(url)], f"r1-w{n:04d}.parquet", generation=1, run_id="r1")
+def commit_shard(out: str, state: table.State, url: str, n: int, opts: dict | None = None) -> None:
+    commit.commit(state, out, opts, [], [], [manifest_row(url)], f"r1-w{n:04d}.parquet", generation=1, run_id="r1")
 
 
-def new_table(tmp_path, shards: list[str]) -> tuple[str, table.State]:
-    out = str(tmp_path / "out")
-    state = table.State({}, table=table.open_table(out, None, create=True))
+def new_table(tmp_path, shards: list[str], at: tuple[str, dict | None] | None = None) -> tuple[str, table.State]:
+    """A table at `at` (OUT, storage options; default a local folder) with one committed wave per shard."""
+    out, opts = at or (str(tmp_path / "out"), None)
+    state = table.State({}, table=table.open_table(out, opts, create=True))
     for n, url in enumerate(shards):
-        commit_shard(out, state, url, n)
+        commit_shard(out, state, url, n, opts)
     return out, state
+
+
+@pytest.fixture(params=["local", "s3"])
+def site(request, tmp_path) -> tuple[str, dict | None]:
+    """Where OUT lives: a local folder, or a bucket on the S3 endpoint (moto on loopback, s3fs as the client)."""
+    if request.param == "local":
+        return str(tmp_path / "out"), None
+    bucket, opts = request.getfixturevalue("s3")
+    return f"{bucket}/out", opts
 
 
 def parts_dir(out: str) -> str:
     return os.path.join(out, table.MANIFEST_DIR, table.PARTS_DIR)
 
 
-def test_a_fold_between_reading_the_pointer_and_the_snapshot_is_read_through(tmp_path, monkeypatch):
-    out, state = new_table(tmp_path, ["s://a", "s://b"])
-    assert table.compact_manifest(out, None, table.read_state(out, None))
-    commit_shard(out, state, "s://c", 2)
+def test_a_fold_between_reading_the_pointer_and_the_snapshot_is_read_through(tmp_path, monkeypatch, site):
+    out, state = new_table(tmp_path, ["s://a", "s://b"], site)
+    so = site[1]
+    assert table.compact_manifest(out, so, table.read_state(out, so))
+    commit_shard(out, state, "s://c", 2, so)
 
     real, folds = table._read_rows, []
 
     def fold_first(url, so):  # another run folds the manifest after this reader took the pointer
         if not folds:
             folds.append("folding")
-            folds[0] = table.compact_manifest(out, None, table._read_state_once(out, None, table.open_table(out, None)))
+            folds[0] = table.compact_manifest(out, site[1], table._read_state_once(out, site[1], table.open_table(out, site[1])))
         return real(url, so)
 
     monkeypatch.setattr(table, "_read_rows", fold_first)
-    seen = table.read_state(out, None)
+    seen = table.read_state(out, so)
     assert folds == [True]  # the snapshot the reader's pointer named was deleted under it
     assert sorted(seen.records) == ["s://a", "s://b", "s://c"] and seen.version == seen.snapshot_version == 3  # create, a, b, c
 
@@ -78,31 +89,33 @@ def test_a_fold_deletes_what_it_folded_and_keeps_a_part_it_did_not_read(tmp_path
     assert sorted(table.read_state(out, None).records) == ["s://a", "s://b", "s://c", "s://d"]
 
 
-def wave_commits(out: str) -> list[dict]:
+def wave_commits(out: str, opts: dict | None = None) -> list[dict]:
     """The commitInfo of every commit that named a manifest part, oldest first."""
     import json
 
-    log_dir = os.path.join(out, "images", "_delta_log")
-    infos = [json.loads(line)["commitInfo"] for f in sorted(os.listdir(log_dir)) if f.endswith(".json")
-             for line in open(os.path.join(log_dir, f)) if '"commitInfo"' in line]
+    from rayseg import storage
+
+    fs, log_dir = storage.filesystem(storage.join(out, "images", "_delta_log"), opts)
+    fs.invalidate_cache(log_dir)
+    infos = [json.loads(line)["commitInfo"] for f in sorted(fs.ls(log_dir, detail=False)) if f.endswith(".json")
+             for line in fs.cat_file(f).decode().splitlines() if '"commitInfo"' in line]
     return [i for i in infos if table.PART_KEY in i]
 
 
-def test_a_run_that_lost_its_lease_commits_nothing_after_the_new_holders_fence(tmp_path):
+def test_a_run_that_lost_its_lease_commits_nothing_after_the_new_holders_fence(tmp_path, site):
     """Run A (generation 1) read the table, stalled past its lease, and resumes after run B took over (generation 2)
     and fenced: A's commit is refused with LeaseLost, and B, committing the same shard, leaves it there once."""
-    import pytest
-
     from rayseg.lease import LeaseLost
 
-    out, a = new_table(tmp_path, ["s://a"])
-    commit.fence(out, None, 2, "run-b")
+    out, a = new_table(tmp_path, ["s://a"], site)
+    so = site[1]
+    commit.fence(out, so, 2, "run-b")
     with pytest.raises(LeaseLost, match="lost its lease: another run \\(lease generation 2\\) took the output over"):
-        commit.commit(a, out, None, [], [], [manifest_row("s://b", "run-a")], "part-a.parquet", generation=1, run_id="run-a")
-    b = table.read_state(out, None)
-    commit.commit(b, out, None, [], [], [manifest_row("s://b", "run-b")], "part-b.parquet", generation=2, run_id="run-b")
-    assert [c[table.PART_KEY] for c in wave_commits(out)] == ["r1-w0000.parquet", "part-b.parquet"]
-    records = table.read_state(out, None).records
+        commit.commit(a, out, so, [], [], [manifest_row("s://b", "run-a")], "part-a.parquet", generation=1, run_id="run-a")
+    b = table.read_state(out, so)
+    commit.commit(b, out, so, [], [], [manifest_row("s://b", "run-b")], "part-b.parquet", generation=2, run_id="run-b")
+    assert [c[table.PART_KEY] for c in wave_commits(out, so)] == ["r1-w0000.parquet", "part-b.parquet"]
+    records = table.read_state(out, so).records
     assert sorted(records) == ["s://a", "s://b"] and records["s://b"]["run_id"] == "run-b"
     assert commit.generation_of(b.table.transaction_version(table.APP_ID)) == 2
 
@@ -125,24 +138,15 @@ def flaky(dt, failures: int, after: bool):
     return calls
 
 
-def test_a_commit_whose_reply_is_lost_lands_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failures,after", [(1, True), (2, False)], ids=["reply lost", "failed twice"])
+def test_a_commit_whose_reply_is_lost_or_that_fails_twice_lands_once(tmp_path, monkeypatch, site, failures, after):
     monkeypatch.setattr(time, "sleep", lambda s: None)
-    out, state = new_table(tmp_path, ["s://a"])
-    calls = flaky(state.table, failures=1, after=True)
-    commit_shard(out, state, "s://b", 1)
-    assert len(calls) == 1  # not sent again: the table showed the wave's own transaction
-    assert [c[table.PART_KEY] for c in wave_commits(out)] == ["r1-w0000.parquet", "r1-w0001.parquet"]
-    assert sorted(table.read_state(out, None).records) == ["s://a", "s://b"]
-
-
-def test_a_commit_that_fails_twice_then_succeeds_lands_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(time, "sleep", lambda s: None)
-    out, state = new_table(tmp_path, ["s://a"])
-    calls = flaky(state.table, failures=2, after=False)
-    commit_shard(out, state, "s://b", 1)
-    assert len(calls) == 3
-    assert [c[table.PART_KEY] for c in wave_commits(out)] == ["r1-w0000.parquet", "r1-w0001.parquet"]
-    assert sorted(table.read_state(out, None).records) == ["s://a", "s://b"]
+    out, state = new_table(tmp_path, ["s://a"], site)
+    calls = flaky(state.table, failures=failures, after=after)
+    commit_shard(out, state, "s://b", 1, site[1])
+    assert len(calls) == (1 if after else 3)  # a landed commit is not sent again: the table showed its own transaction
+    assert [c[table.PART_KEY] for c in wave_commits(out, site[1])] == ["r1-w0000.parquet", "r1-w0001.parquet"]
+    assert sorted(table.read_state(out, site[1]).records) == ["s://a", "s://b"]
 
 
 def data_commit(out: str, state: table.State, url: str, ids: list[str], n: int, opts: dict | None = None) -> None:
