@@ -47,13 +47,14 @@ def fence(output: str, storage_options: dict | None, generation: int, run_id: st
 
 
 def commit(state: State, output: str, storage_options: dict | None, adds: list, removes: list[str], part_rows: list[dict],
-           part_name: str, generation: int, run_id: str) -> int:
+           part_name: str, generation: int, run_id: str, data_change: bool = True) -> int:
     """One atomic commit: add files, remove files, and name the manifest part written just before it.
 
     The commit is made against the table version this run's decisions were read at (state.table is not refreshed
     first), so Delta refuses it if any other commit landed since: after a takeover's fence that is a LeaseLost. Each
     wave has its own transaction version, so an unclear failure (a lost reply) is settled by reading the table: the
-    wave landed, or it is retried, up to COMMIT_ATTEMPTS times for storage errors.
+    wave landed, or it is retried, up to COMMIT_ATTEMPTS times for storage errors. `data_change` is off for a
+    commit that only rewrites rows (compaction).
     """
     from deltalake.transaction import RemoveAction
 
@@ -61,7 +62,7 @@ def commit(state: State, output: str, storage_options: dict | None, adds: list, 
     storage.retry(pq.write_table, pa.Table.from_pylist(part_rows, schema=MANIFEST_SCHEMA), path, filesystem=fs,
                   what="writing a manifest part")
     now_ms = int(time.time() * 1000)
-    actions = adds + [RemoveAction(path=r, data_change=True, deletion_timestamp=now_ms) for r in removes]
+    actions = adds + [RemoveAction(path=r, data_change=data_change, deletion_timestamp=now_ms) for r in removes]
     _commit_wave(state, actions, {PART_KEY: part_name, "rayseg.run_id": run_id}, generation, run_id)
     for r in part_rows:
         state.records[r["shard_url"]] = r

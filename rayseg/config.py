@@ -239,6 +239,8 @@ OPTIONS: dict[str, Option] = {
     "keep_hours": Option(int, 168, "time travel: files a commit replaced stay this many hours, so read_table(OUT, "
                                         "night=...) reads any night this recent (up to the log's 30 days)",
                          _between(0, 720, "between 0 and 720")),
+    "compact_mb": Option(int, 128, "at the end of a run, merge the table's data files under half this size into files of up "
+                                   "to this many MB, in one commit that changes no row (0: never)", _between(0, 4096, "between 0 and 4096")),
     "full_vacuum": Option(bool, False, "list the whole table for files no commit names (a run that ended whole needs none)"),
     # doctor
     "gpu": Option(bool, False, "check the GPU path too: predictor, segment end to end, training and bench on this machine's GPU"),
@@ -324,7 +326,7 @@ def _check_nightly(cfg) -> None:
 
 NightlyConfig = compose("NightlyConfig", MODEL, ("inputs",), OUTPUT, STORAGE, READ, PREDICT, POOL, CLUSTER,
                         ("commit_seconds", "commit_mb", "commit_every", "lease_seconds", "lease_wait", "status",
-                         "unsafe_single_writer", "keep_hours", "full_vacuum"),
+                         "unsafe_single_writer", "keep_hours", "compact_mb", "full_vacuum"),
                         hidden=("overwrite",), check=_check_nightly,
                         doc="`rayseg nightly`: segment's options, how often to commit, and the lease on OUT; OUT is never cleared.")
 

@@ -153,7 +153,7 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
         return status(cfg, shards, key)
     state = table.read_state(cfg.output, so)
     b = backlog(shards, state.records, key)
-    waves, cluster, previous, vacuumed = [], None, None, 0
+    waves, cluster, previous, vacuumed, compaction = [], None, None, 0, None
     if b["new"] or b["changed"]:
         from rayseg.lease import Lease
 
@@ -169,17 +169,20 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
             if b["new"] or b["changed"]:
                 todo = sorted(b["new"] + b["changed"], key=lambda s: s.url)
                 waves, cluster = segment_waves(cfg, todo, bundle, state, lease, key, run_id)
+                from rayseg.waves import compact
+
+                compaction = compact(state, cfg.output, so, lease, run_id, cfg.compact_mb)
                 if all(state.records.get(s.url, {}).get("run_id") == run_id for s in todo):  # the night is whole
                     commit.mark_complete(state, cfg.output, lease.generation, run_id, started.date().isoformat())
                 table.compact_manifest(cfg.output, so, state, run_id)
                 vacuumed = table.vacuum(state, cfg.keep_hours, full_vacuum)
-    summary = make_summary(cfg, run_id, shards, b, waves, state, previous, bundle, key, ignored, cluster, vacuumed)
+    summary = make_summary(cfg, run_id, shards, b, waves, state, previous, bundle, key, ignored, cluster, vacuumed, compaction)
     summary.update(layout.summary_tail(started, t0))
     storage.write_json(storage.join(cfg.output, RUNS_DIR, f"{run_id}.json"), summary, so)
     return summary
 
 
-def make_summary(cfg, run_id, shards, b, waves, state, previous, bundle, key, ignored, cluster, vacuumed) -> dict:
+def make_summary(cfg, run_id, shards, b, waves, state, previous, bundle, key, ignored, cluster, vacuumed, compaction) -> dict:
     committed = {r["shard_url"]: r for r in state.records.values() if r["run_id"] == run_id}
     pending = [s.url for s in b["new"] + b["changed"] if s.url not in committed]
     failed = [u for u, r in committed.items() if r["rows"] and r["errors"] == r["rows"]]
@@ -208,6 +211,7 @@ def make_summary(cfg, run_id, shards, b, waves, state, previous, bundle, key, ig
         "table_version": state.version,
         "redone_after_kill": {"run_id": previous["run_id"], "images_in_flight": lost.get("images_in_flight", 0),
                               "shards_in_flight": lost.get("shards_in_flight", 0)} if previous else None,
+        "compaction": compaction,  # small data files merged at the end of the run (--compact-mb)
         "files_vacuumed": vacuumed,
         "ignored_files": ignored,
         "model": bundle.label,

@@ -350,11 +350,18 @@ class FileStats:
         return json.dumps({"numRecords": self.rows, "minValues": self.min, "maxValues": self.max, "nullCount": self.nulls})
 
 
-def add_action(rel: str, size: int, stats: FileStats | str):
-    """A Delta add of data file `rel` (relative to the table); `stats` as FileStats or its json."""
+def add_action(rel: str, size: int, stats: FileStats | str, data_change: bool = True):
+    """A Delta add of data file `rel` (relative to the table); `stats` as FileStats or its json. `data_change` is off
+    for a file that only rewrites rows already in the table (compaction), so change readers skip it."""
     from deltalake.transaction import AddAction
 
-    return AddAction(rel, size, {}, int(time.time() * 1000), True, stats if isinstance(stats, str) else stats.json())
+    return AddAction(rel, size, {}, int(time.time() * 1000), data_change, stats if isinstance(stats, str) else stats.json())
+
+
+def file_sizes(state: State) -> dict[str, int]:
+    """Each data file of the table at state's version (relative path -> bytes)."""
+    adds = pa.table(state.table.get_add_actions())
+    return dict(zip(adds["path"].to_pylist(), adds["size_bytes"].to_pylist()))
 
 
 def keep_rows(output: str, storage_options: dict | None, rel: str, keep: list[str]) -> pa.Table:

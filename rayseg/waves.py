@@ -285,3 +285,65 @@ class WaveWriter:
                  for u in moved_urls]
         return adds, old, moved
 
+
+
+# ---- compaction ------------------------------------------------------------------------------------------------
+
+COMPACT_MIN_FILES = 8  # fewer small files than this are left as they are: not worth a commit of their own
+
+
+def merge_files(output: str, storage_options: dict | None, rels: list[str], folder: str) -> tuple[str, int, str]:
+    """The rows of data files `rels`, in their order, as one new file in `folder` (relative to the table); returns
+    (its path relative to the table, its size, its Delta stats json)."""
+    parts = []
+    for rel in rels:
+        fs, path = storage.pyarrow_filesystem(storage.join(output, layout.IMAGES_DIR, rel), storage_options)
+        parts.append(pq.read_table(path, filesystem=fs, schema=table.NIGHTLY_SCHEMA))
+    rows = pa.concat_tables(parts)
+    new_rel = f"{folder}/{node_id()[:12]}-compacted-{uuid.uuid4().hex}.parquet"
+    size = table.write_file(rows, storage.join(output, layout.IMAGES_DIR, new_rel), storage_options)
+    return new_rel, size, table.FileStats().update(rows).json()
+
+
+def compaction_bins(sizes: dict[str, int], named: set[str], target: int) -> list[list[str]]:
+    """Groups of small files to merge, each group's bytes at most `target`: the files under half of it that the
+    manifest names (`named`), in path order (a run's files sit together), and only groups of two or more."""
+    bins: list[list[str]] = []
+    current, total = [], 0
+    for rel in sorted(r for r, n in sizes.items() if n < target // 2 and r in named):
+        if current and total + sizes[rel] > target:
+            bins.append(current)
+            current, total = [], 0
+        current.append(rel)
+        total += sizes[rel]
+    bins.append(current)
+    bins = [b for b in bins if len(b) > 1]
+    return bins if sum(map(len, bins)) >= COMPACT_MIN_FILES else []
+
+
+def compact(state: table.State, output: str, storage_options: dict | None, lease, run_id: str, target_mb: int) -> dict:
+    """Merge the table's small data files into files of up to `target_mb` MB: one commit, fenced like a wave.
+
+    Workers write a file per write-stage batch (WRITE_ROWS rows), so a night leaves many small files; readers pay
+    per file. The files are merged by Ray tasks (the driver reads no data file); the commit removes the small files
+    and adds the merged ones without changing any row (dataChange off), and its manifest part names each affected
+    shard's new list of files, so the manifest never names a file the table no longer holds. The small files stay
+    on storage for --keep-hours (time travel), like any file a commit replaced.
+    """
+    t0 = time.perf_counter()
+    by_file = state.files()
+    bins = compaction_bins(table.file_sizes(state), set(by_file), target_mb * 2**20) if target_mb else []
+    if not bins:
+        return {"files_merged": 0, "files_written": 0}
+    merged = run_tasks(merge_files, [(output, storage_options, rels, run_id) for rels in bins])
+    adds = [table.add_action(new, size, stats, data_change=False) for new, size, stats in merged]
+    renamed = {rel: new for rels, (new, _, _) in zip(bins, merged) for rel in rels}
+    moved = [{**state.records[u], "files": sorted({renamed.get(rel, rel) for rel in state.records[u]["files"]})}
+             for u in sorted({u for rel in renamed for u in by_file[rel]})]
+    lease.renew(lease.progress)  # fails if another run has taken the lease: nothing is committed then
+    version = commit.commit(state, output, storage_options, adds, sorted(renamed), moved, f"{run_id}-compact.parquet",
+                            lease.generation, run_id, data_change=False)
+    result = {"files_merged": len(renamed), "files_written": len(adds), "bytes": sum(size for _, size, _ in merged),
+              "table_version": version, "seconds": round(time.perf_counter() - t0, 3)}
+    log.info("compacted %d small data files into %d (table version %d)", len(renamed), len(adds), version)
+    return result

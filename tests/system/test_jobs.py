@@ -151,7 +151,8 @@ def test_jobs_on_a_two_node_cluster(cluster, tmp_path):
     rows_once(tmp_path / "seg", expected)
 
     # a batch and a wave per image (--commit-every caps the write stage's batch): the 7 images make 7 write tasks
-    nightly = f"python jobs/nightly.py {inp} --output {tmp_path}/nightly --model unet --input-size 32 --quiet --batch-size 1 --commit-every 1"
+    # (and --compact-mb 0 keeps the files as the workers wrote them)
+    nightly = f"python jobs/nightly.py {inp} --output {tmp_path}/nightly --model unet --input-size 32 --quiet --batch-size 1 --commit-every 1 --compact-mb 0"
     status, logs = wait(cluster, submit(cluster, nightly))
     assert status == "SUCCEEDED", logs[-3000:]
     assert (summary_of(logs)["shards_new"], summary_of(logs)["rows"]) == (3, 7)

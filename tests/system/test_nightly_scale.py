@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import png_bytes, random_image, tar_bytes
-from rayseg.table import MANIFEST_DIR, open_table, read_table
+from rayseg.table import MANIFEST_DIR, open_table, read_state, read_table
 from rayseg.waves import WRITE_ROWS
 
 from nightly_flows import (RAYSEG, Site, assert_whole, finish, kill_and_rerun_at_once, kill_session, kill_when_done,
@@ -137,8 +137,8 @@ def test_8000_images_default_options_killed_at_70_percent(site, env):
 
 @pytest.mark.timeout(600)
 def test_loose_files_make_few_files_and_a_rerun_is_instant(ray_local, tmp_path):
-    """3,000 loose PNGs, waves of 1,000: data files of up to waves.WRITE_ROWS rows each (workers write them), one
-    manifest snapshot; nothing new answers without Ray."""
+    """3,000 loose PNGs, waves of 1,000: data files of up to waves.WRITE_ROWS rows each (workers write them),
+    merged into one at the end of the run (--compact-mb); one manifest snapshot; nothing new answers without Ray."""
     from rayseg.config import NightlyConfig
     from rayseg.nightly import nightly
 
@@ -154,8 +154,12 @@ def test_loose_files_make_few_files_and_a_rerun_is_instant(ray_local, tmp_path):
     files = open_table(str(out), None).file_uris()
     manifest = sorted(p.name for p in (out / MANIFEST_DIR).rglob("*") if p.is_file())
     print(f"3000 loose files: {len(files)} data files, manifest files {manifest}, run {first['elapsed_s']} s")
-    # bound: a file per write task batch of WRITE_ROWS rows, and at most one short remainder per write task
-    assert len(files) <= 2 * -(-3000 // WRITE_ROWS)
+    # the workers wrote a file per write task batch of WRITE_ROWS rows (and at most one short remainder per task);
+    # compaction merged them (Ray tasks) into one file of a few MB, the manifest naming it for every image
+    merged = first["compaction"]["files_merged"]
+    assert -(-3000 // WRITE_ROWS) <= merged <= 2 * -(-3000 // WRITE_ROWS) and first["compaction"]["files_written"] == 1
+    assert len(files) == 1 and {f for r in read_state(str(out), None).records.values() for f in r["files"]} == {
+        files[0].rsplit("/images/", 1)[1]}
     assert len(manifest) == 2 and manifest[0] == "_snapshot.json"  # one snapshot + its pointer, whatever the file count
     assert read_table(str(out)).count_rows() == 3000
     again = nightly(cfg)

@@ -155,3 +155,49 @@ def test_a_file_waits_while_its_shard_is_arriving(out):
         assert committed(out) == [f"{s0}::img0", f"{s1}::img0", f"{s1}::img1"]
         w.finish()
     assert [x["rows"] for x in w.waves] == [1, 2, 0]  # the last: the two shards that gave no rows
+
+
+# ---- compaction ------------------------------------------------------------------------------------------------
+
+
+def test_compaction_merges_a_nights_small_files_without_changing_a_row(out):
+    counts = {f"file:///in/s{i}.tar": n for i, n in enumerate([3, 3, 2, 2])}
+    with Lease(out, {}, "run1", 30) as lease:
+        w = writer_for(out, lease, counts, commit_seconds=3600, commit_every=3)
+        for i in range(3):  # one file per row, the shards' rows interleaved as actors interleave them
+            for url, n in counts.items():
+                if i < n:
+                    w.add(rows(url, range(i, i + 1)))
+        w.finish()
+        before, files_before = committed(out), table_files(out)
+        assert len(files_before) == 10 and len(before) == 10
+        state = table.read_state(out, None)
+        result = waves.compact(state, out, None, lease, "run1", target_mb=1)
+        assert result["files_merged"] == 10 and result["files_written"] == 1
+        assert waves.compact(table.read_state(out, None), out, None, lease, "run1", target_mb=1)["files_merged"] == 0  # nothing small left
+
+    after = table_files(out)
+    assert committed(out) == before and len(after) == 1 and after[0].startswith(f"run1/{waves.node_id()[:12]}-compacted-")
+    manifest = table.read_state(out, None)
+    assert {f: sorted(s) for f, s in manifest.files().items()} == {after[0]: sorted(counts)}  # the manifest names the merged file for every shard, nothing else
+    assert all(r["rows"] == counts[u] for u, r in manifest.records.items())
+    # the commit only rewrote rows (dataChange false), and the version before it still reads: the small files stay for time travel
+    dt = table.open_table(out, None)
+    actions = dt.get_add_actions()
+    assert pa.table(actions)["path"].to_pylist() == after
+    dt.load_as_version(result["table_version"] - 1)
+    assert sorted(dt.to_pyarrow_table(columns=["image_id"]).column("image_id").to_pylist()) == before
+    log = os.path.join(out, "images", "_delta_log", f"{result['table_version']:020d}.json")
+    text = open(log).read()
+    assert '"remove"' in text and '"dataChange":true' not in text.replace(" ", "")
+
+
+def test_compaction_bins_hold_small_named_files_and_leave_a_few_alone():
+    mb = 2**20
+    sizes = {f"r/{i:02d}.parquet": mb for i in range(10)} | {"r/big.parquet": 70 * mb, "r/stray.parquet": mb}
+    named = set(sizes) - {"r/stray.parquet"}  # a file no manifest row names (a killed run's) is never merged
+    bins = waves.compaction_bins(sizes, named, 4 * mb)
+    assert bins == [[f"r/{i:02d}.parquet" for i in range(j, j + 4)] for j in (0, 4)] + [["r/08.parquet", "r/09.parquet"]]
+    assert waves.compaction_bins(sizes, named, 128 * mb) == [[f"r/{i:02d}.parquet" for i in range(10)]]  # the big file stays
+    few = {f"r/{i}.parquet": mb for i in range(waves.COMPACT_MIN_FILES - 1)}
+    assert waves.compaction_bins(few, set(few), 128 * mb) == []  # too few to be worth a commit
