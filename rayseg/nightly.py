@@ -117,7 +117,7 @@ def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, r
             rows = min(waves.WRITE_ROWS, cfg.commit_every or waves.WRITE_ROWS)
             plan = build_plan(cfg, units, bundle, counter, device_log).map_batches(
                 waves.write_stage, batch_size=rows, batch_format="pyarrow", zero_copy_batch=True,
-                fn_kwargs={"output": cfg.output, "storage_options": cfg.storage_options, "run_id": run_id}, **runtime.WRITE_ARGS)
+                fn_kwargs={"output": cfg.output, "storage_options": cfg.storage_options, "run_id": run_id}, **runtime.COMMIT_TASK_ARGS)
             # no prefetch: the blocks are a few metadata rows, and a prefetch of 2 held each back until 2 more were
             # done, at the end of the run when the run is short (80 shards on 2 cores: one wave, at the end)
             for meta in plan.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):

@@ -123,7 +123,7 @@ def run_tasks(fn, calls: list[tuple]) -> list:
         return [fn(*args) for args in calls]
     from rayseg import runtime
 
-    task = ray.remote(**runtime.WRITE_ARGS, max_retries=3)(fn)
+    task = ray.remote(**runtime.COMMIT_TASK_ARGS, max_retries=3)(fn)
     return ray.get([task.remote(*args) for args in calls])
 
 
