@@ -4,7 +4,7 @@ large archive so that start-up (imports, Ray, the model) cancels out.
 
     rayseg synth /tmp/dc/in400 --layout tar --count 400 --shards 4 --min-size 256 --max-size 256
     rayseg synth /tmp/dc/in4000 --layout tar --count 4000 --shards 40 --min-size 256 --max-size 256
-    python tests/perf/driver_cost.py /tmp/dc/in400 /tmp/dc/in4000 [--command segment] [--model unet]
+    python tests/perf/driver_cost.py /tmp/dc/in400 /tmp/dc/in4000 [--command segment] [--model unet] [--batch-size 64]
 
 Each size runs in a fresh process: an embedded Ray (`ray.init(num_cpus=2)`, started before the measurement), then
 `rayseg.nightly.nightly` (or `rayseg.segment.segment`) in that process (pointwise model unless --model, 2
@@ -25,7 +25,7 @@ import tempfile
 import time
 
 
-def one(inputs: str, out: str, command: str, model: str) -> dict:
+def one(inputs: str, out: str, command: str, model: str, batch_size: str) -> dict:
     import ray
     import ray.data
 
@@ -49,9 +49,9 @@ def one(inputs: str, out: str, command: str, model: str) -> dict:
     before = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     if command == "nightly":
-        summary = nightly(NightlyConfig(inputs=(inputs,), output=out, model=model, num_classes=2, quiet=True))
+        summary = nightly(NightlyConfig(inputs=(inputs,), output=out, model=model, num_classes=2, quiet=True, batch_size=int(batch_size)))
     else:
-        summary = segment(SegmentConfig(inputs=(inputs,), output=out, model=model, num_classes=2, quiet=True))
+        summary = segment(SegmentConfig(inputs=(inputs,), output=out, model=model, num_classes=2, quiet=True, batch_size=int(batch_size)))
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"rows": summary["rows"] if command == "nightly" else summary["images"], "driver_cpu_s": round(cpu, 2),
@@ -60,7 +60,7 @@ def one(inputs: str, out: str, command: str, model: str) -> dict:
 
 def main() -> None:
     if sys.argv[1] == "--one":
-        print(json.dumps(one(*sys.argv[2:6])))
+        print(json.dumps(one(*sys.argv[2:7])))
         return
     import argparse
 
@@ -69,12 +69,14 @@ def main() -> None:
     ap.add_argument("large")
     ap.add_argument("--command", choices=["nightly", "segment"], default="nightly")
     ap.add_argument("--model", default="pointwise")
+    ap.add_argument("--batch-size", default="16", help="images per predictor batch, so per block of the plan")
     a = ap.parse_args()
-    small, large = (json.loads(subprocess.run([sys.executable, __file__, "--one", inp, tempfile.mkdtemp() + "/out", a.command, a.model],
+    small, large = (json.loads(subprocess.run([sys.executable, __file__, "--one", inp, tempfile.mkdtemp() + "/out", a.command, a.model,
+                                               a.batch_size],
                                               check=True, capture_output=True, text=True).stdout.splitlines()[-1])
                     for inp in (a.small, a.large))
     rows = large["rows"] - small["rows"]
-    print(json.dumps({"command": a.command, "model": a.model, "small": small, "large": large,
+    print(json.dumps({"command": a.command, "model": a.model, "batch_size": int(a.batch_size), "small": small, "large": large,
                       "wall_s_per_10k_rows": round((large["wall_s"] - small["wall_s"]) / rows * 10_000, 1),
                       "driver_cpu_share": round((large["driver_cpu_s"] - small["driver_cpu_s"]) / (large["wall_s"] - small["wall_s"]), 3),
                       "driver_cpu_s_per_10k_rows": round((large["driver_cpu_s"] - small["driver_cpu_s"]) / rows * 10_000, 2),
