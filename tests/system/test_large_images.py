@@ -4,6 +4,8 @@ its objects, merged across region borders, are OpenCV's on the whole mask."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from pathlib import Path
 
@@ -14,7 +16,8 @@ import pytest
 import torch
 
 from conftest import png_bytes
-from large_images import balanced, ihc, tiled_picture, write_pyramid
+from large_images import balanced, ihc, tiled_picture, write_pyramid, write_slide
+from process_memory import peaks_during, segment_cli
 from rayseg import bigimage, maskstore, segment
 from rayseg.config import PredictConfig, ReportConfig
 from rayseg.models import ModelCard, load_bundle, save_checkpoint
@@ -79,3 +82,27 @@ def test_huge_image_regions_over_two_actors(ray_local, tmp_path, monkeypatch):
     page = report(ReportConfig(output=str(tmp_path / "a"), html=str(tmp_path / "report.html")))
     html = (tmp_path / "report.html").read_text()
     assert page["overlays"] == 2 and "slide.tif" in html and "not readable" not in html
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(not os.environ.get("RAYSEG_SLOW_TESTS"), reason="about 10 minutes on 2 cores; set RAYSEG_SLOW_TESTS=1")
+def test_a_32768_slide_segments_by_region_in_the_memory_of_a_16384_one(tmp_path):
+    """Region mode's memory does not follow the slide's size: the largest process of a `rayseg segment` run (its
+    own embedded Ray, two actors) on a 32768² SVS-like pyramid peaks within 10% of the same run on a 16384² one."""
+    peaks, summaries = {}, {}
+    for side in (16384, 32768):
+        folder = tmp_path / f"in{side}"
+        folder.mkdir()
+        write_slide(folder / "slide.svs", side)
+        out = tmp_path / f"out{side}"
+        peaks[side] = peaks_during(lambda: segment_cli(folder, out, "--model", "pointwise", "--num-classes", "2", "--actors", "2"))
+        summaries[side] = json.loads((out / "_rayseg.json").read_text())
+        s = summaries[side]
+        assert (s["images"], s["errors"], s["large_images"]) == (1, 0, 1)
+        assert 0 < s["regions"] < (side // 1024) ** 2, s  # regions of 1024 ran, those of glass skipped
+    (_, small), (_, large) = peaks[16384], peaks[32768]
+    print(f"largest process: 16384² {small / 2**20:.0f} MiB ({summaries[16384]['regions']} regions), "
+          f"32768² {large / 2**20:.0f} MiB ({summaries[32768]['regions']} regions); "
+          f"runs {summaries[16384]['elapsed_s']} s and {summaries[32768]['elapsed_s']} s")
+    assert large <= 1.10 * small
