@@ -169,9 +169,7 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
             if b["new"] or b["changed"]:
                 todo = sorted(b["new"] + b["changed"], key=lambda s: s.url)
                 waves, cluster = segment_waves(cfg, todo, bundle, state, lease, key, run_id)
-                from rayseg.waves import compact
-
-                compaction = compact(state, cfg.output, so, lease, run_id, cfg.compact_mb)
+                compaction = compact_or_warn(state, cfg, lease, run_id)
                 if all(state.records.get(s.url, {}).get("run_id") == run_id for s in todo):  # the night is whole
                     commit.mark_complete(state, cfg.output, lease.generation, run_id, started.date().isoformat())
                 table.compact_manifest(cfg.output, so, state, run_id)
@@ -180,6 +178,22 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
     summary.update(layout.summary_tail(started, t0))
     storage.write_json(storage.join(cfg.output, RUNS_DIR, f"{run_id}.json"), summary, so)
     return summary
+
+
+def compact_or_warn(state, cfg: NightlyConfig, lease, run_id: str) -> dict:
+    """The run's waves are committed: a compaction that fails (a storage error in a merge task or its commit)
+    leaves the small files as they were, for the next run to merge, and does not fail the run. A lost lease does."""
+    from rayseg.lease import LeaseLost
+    from rayseg.waves import compact
+
+    try:
+        return compact(state, cfg.output, cfg.storage_options, lease, run_id, cfg.compact_mb)
+    except LeaseLost:
+        raise
+    except Exception as e:  # noqa: BLE001 - the rows are committed; merging them can wait a night
+        log.warning("compacting the table's small files failed (%s); they stay as they are and the next run merges them",
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return {"files_merged": 0, "files_written": 0, "error": str(e).splitlines()[0] if str(e) else type(e).__name__}
 
 
 def make_summary(cfg, run_id, shards, b, waves, state, previous, bundle, key, ignored, cluster, vacuumed, compaction) -> dict:

@@ -201,3 +201,25 @@ def test_compaction_bins_hold_small_named_files_and_leave_a_few_alone():
     assert waves.compaction_bins(sizes, named, 128 * mb) == [[f"r/{i:02d}.parquet" for i in range(10)]]  # the big file stays
     few = {f"r/{i}.parquet": mb for i in range(waves.COMPACT_MIN_FILES - 1)}
     assert waves.compaction_bins(few, set(few), 128 * mb) == []  # too few to be worth a commit
+
+
+def test_a_compaction_that_fails_leaves_the_committed_files_and_does_not_fail_the_run(out, monkeypatch, caplog):
+    from rayseg.nightly import compact_or_warn
+
+    counts = {f"file:///in/s{i}.tar": 3 for i in range(4)}
+    with Lease(out, {}, "run1", 30) as lease:
+        w = writer_for(out, lease, counts, commit_seconds=3600, commit_every=3)
+        for url in counts:
+            for i in range(3):
+                w.add(rows(url, range(i, i + 1)))
+        w.finish()
+        before = table_files(out)
+
+        def broken(*args):
+            raise OSError("connection reset by peer")
+
+        monkeypatch.setattr(waves, "merge_files", broken)
+        result = compact_or_warn(table.read_state(out, None), w.cfg, lease, "run1")
+    assert result["files_merged"] == 0 and "connection reset" in result["error"]
+    assert "compacting the table's small files failed (connection reset by peer)" in caplog.text
+    assert table_files(out) == before and len(committed(out)) == 12  # the night's rows stay committed, in their files
