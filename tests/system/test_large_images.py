@@ -86,7 +86,7 @@ def test_huge_image_regions_over_two_actors(ray_local, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.skipif(not os.environ.get("RAYSEG_SLOW_TESTS"), reason="about 10 minutes on 2 cores; set RAYSEG_SLOW_TESTS=1")
+@pytest.mark.skipif(not os.environ.get("RAYSEG_SLOW_TESTS"), reason="about 6 minutes on 2 cores; set RAYSEG_SLOW_TESTS=1")
 def test_a_32768_slide_segments_by_region_in_the_memory_of_a_16384_one(tmp_path):
     """Region mode's memory does not follow the slide's size: the largest process of a `rayseg segment` run (its
     own embedded Ray, two actors) on a 32768² SVS-like pyramid peaks within 10% of the same run on a 16384² one."""
