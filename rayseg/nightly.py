@@ -191,9 +191,10 @@ def compact_or_warn(state, cfg: NightlyConfig, lease, run_id: str) -> dict:
     except LeaseLost:
         raise
     except Exception as e:  # noqa: BLE001 - the rows are committed; merging them can wait a night
-        log.warning("compacting the table's small files failed (%s); they stay as they are and the next run merges them",
-                    str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return {"files_merged": 0, "files_written": 0, "error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+        cause = getattr(e, "cause", None) or e  # a merge task's error reaches here wrapped in Ray's RayTaskError
+        why = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        log.warning("compacting the table's small files failed (%s); they stay as they are and the next run merges them", why)
+        return {"files_merged": 0, "files_written": 0, "error": why}
 
 
 def make_summary(cfg, run_id, shards, b, waves, state, previous, bundle, key, ignored, cluster, vacuumed, compaction) -> dict:

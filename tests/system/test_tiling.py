@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import sys
 
 import cv2
 import numpy as np
