@@ -86,13 +86,18 @@ def write_stage(batch: pa.Table, output: str, storage_options: dict | None, run_
     return pa.Table.from_pylist(meta, schema=FILE_SCHEMA)
 
 
+def write_data_file(rows: pa.Table, output: str, storage_options: dict | None, folder: str, kind: str = "") -> tuple[str, int, str]:
+    """`rows` as a new data file in `folder` (relative to the table), named by this node, `kind` and a uuid; returns
+    (its path relative to the table, its size, its Delta stats json)."""
+    rel = f"{folder}/{node_id()[:12]}-{kind + '-' if kind else ''}{uuid.uuid4().hex}.parquet"
+    size = table.write_file(rows, storage.join(output, layout.IMAGES_DIR, rel), storage_options)
+    return rel, size, table.FileStats().update(rows).json()
+
+
 def keep_rows_file(output: str, storage_options: dict | None, rel: str, keep: list[str], folder: str) -> tuple[str, int, str]:
     """Copy the rows of `keep` shards out of data file `rel` into a new file in `folder` (relative to the table);
     returns (its path relative to the table, its size, its Delta stats json)."""
-    kept = table.keep_rows(output, storage_options, rel, keep)
-    new_rel = f"{folder}/{node_id()[:12]}-kept-{uuid.uuid4().hex}.parquet"
-    size = table.write_file(kept, storage.join(output, layout.IMAGES_DIR, new_rel), storage_options)
-    return new_rel, size, table.FileStats().update(kept).json()
+    return write_data_file(table.keep_rows(output, storage_options, rel, keep), output, storage_options, folder, "kept")
 
 
 def split_file(output: str, storage_options: dict | None, rel: str, keep: list[str], folder: str):
@@ -104,13 +109,8 @@ def split_file(output: str, storage_options: dict | None, rel: str, keep: list[s
     fs, path = storage.pyarrow_filesystem(storage.join(output, layout.IMAGES_DIR, rel), storage_options)
     rows = pq.read_table(path, filesystem=fs, schema=table.NIGHTLY_SCHEMA)
     mine = pc.is_in(rows["shard"], pa.array(keep, pa.string()))
-    node = node_id()
-    out = []
-    for part in (rows.filter(mine), rows.filter(pc.invert(mine))):
-        new_rel = f"{folder}/{node[:12]}-{uuid.uuid4().hex}.parquet"
-        size = table.write_file(part, storage.join(output, layout.IMAGES_DIR, new_rel), storage_options)
-        out.append((new_rel, size, table.FileStats().update(part).json()))
-    return out[0], out[1], node
+    now, rest = (write_data_file(part, output, storage_options, folder) for part in (rows.filter(mine), rows.filter(pc.invert(mine))))
+    return now, rest, node_id()
 
 
 def run_tasks(fn, calls: list[tuple]) -> list:
@@ -299,10 +299,7 @@ def merge_files(output: str, storage_options: dict | None, rels: list[str], fold
     for rel in rels:
         fs, path = storage.pyarrow_filesystem(storage.join(output, layout.IMAGES_DIR, rel), storage_options)
         parts.append(pq.read_table(path, filesystem=fs, schema=table.NIGHTLY_SCHEMA))
-    rows = pa.concat_tables(parts)
-    new_rel = f"{folder}/{node_id()[:12]}-compacted-{uuid.uuid4().hex}.parquet"
-    size = table.write_file(rows, storage.join(output, layout.IMAGES_DIR, new_rel), storage_options)
-    return new_rel, size, table.FileStats().update(rows).json()
+    return write_data_file(pa.concat_tables(parts), output, storage_options, folder, "compacted")
 
 
 def compaction_bins(sizes: dict[str, int], named: set[str], target: int) -> list[list[str]]:
