@@ -4,6 +4,8 @@ A tiny named actor counts what the read and encode stages have finished, and a d
 
     progress: 1,200 images done (3 errors), 41.5 images/s, shards 12/40 read, ETA 3m05s
 
+A nightly run also says what its waves have committed: "1,200 images done (3 errors), 900 committed, ...".
+
 In a terminal with the rayseg console (console.Console) the line is redrawn in place twice a second. In a
 submitted job there is no TTY, and a line is logged every RAYSEG_PROGRESS_INTERVAL seconds (default 10).
 With --verbose in a terminal, Ray Data's own progress bars are left to do the job, as Ray shows them.
@@ -100,13 +102,15 @@ def format_duration(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def line(t: dict, units_total: int, elapsed: float) -> str:
+def line(t: dict, units_total: int, elapsed: float, committed: int | None = None) -> str:
+    """One progress line; `committed`: the images a nightly run has committed so far (its waves), where known."""
     rate = t["done"] / elapsed if elapsed > 0 else 0.0
     eta = "ETA unknown"
     if t["units"] and rate > 0:
         expected = t["read"] if t["units"] >= units_total else t["read"] / t["units"] * units_total
         eta = f"ETA {format_duration(max(0.0, expected - t['done']) / rate)}"
-    return (f"progress: {t['done']:,} images done ({t['errors']:,} errors), {rate:.1f} images/s, "
+    kept = f"{committed:,} committed, " if committed is not None else ""
+    return (f"progress: {t['done']:,} images done ({t['errors']:,} errors), {kept}{rate:.1f} images/s, "
             f"shards {t['units']:,}/{units_total:,} read, {eta}")
 
 
@@ -127,6 +131,7 @@ class Reporter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rayseg-progress", daemon=True)
         self.t0 = time.perf_counter()
+        self.committed: int | None = None  # set by a nightly run after each wave: shown in each line
 
     def totals(self) -> dict:
         return ray.get(self.counter.totals.remote(), timeout=30)
@@ -134,7 +139,7 @@ class Reporter:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                text = line(self.totals(), self.units_total, time.perf_counter() - self.t0)
+                text = line(self.totals(), self.units_total, time.perf_counter() - self.t0, self.committed)
                 if self.live:
                     self.console.write(text)
                 else:

@@ -73,9 +73,7 @@ def write_stage(batch: pa.Table, output: str, storage_options: dict | None, run_
         return FILE_SCHEMA.empty_table()
     rows = conform(batch)
     node = node_id()
-    rel = f"{run_id}/{node[:12]}-{uuid.uuid4().hex}.parquet"  # relative to the table; unique per run and batch
-    size = table.write_file(rows, storage.join(output, layout.IMAGES_DIR, rel), storage_options)
-    stats = table.FileStats().update(rows).json()
+    rel, size, stats = write_data_file(rows, output, storage_options, run_id)  # unique per run and batch
     shards = rows["shard"].combine_chunks()
     failed = rows["error"].is_valid()
     meta = []

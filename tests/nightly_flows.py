@@ -168,19 +168,20 @@ def _exists(site: Site) -> bool:
     return is_table(site.url("out"), site.opts)
 
 
-def kill_when_done(cmd: list[str], env: dict, images: int) -> int:
-    """Start `cmd` with progress lines every 0.2 s; SIGKILL its session once a line says `images` are done (or
-    let it end); returns the images done by the last line before the kill."""
+def kill_when_done(cmd: list[str], env: dict, images: int, committed: int = 0) -> tuple[int, int]:
+    """Start `cmd` with progress lines every 0.2 s; SIGKILL its session once a line says `images` are done and at
+    least `committed` of them committed by its waves (or let it end); returns (done, committed) of the last line
+    before the kill."""
     proc = subprocess.Popen([a for a in cmd if a != "--quiet"], env={**env, "RAYSEG_PROGRESS_INTERVAL": "0.2"},
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    done = 0
+    done = said = 0
     for line in proc.stderr:
-        if m := re.search(r"progress: ([\d,]+) images done", line):
-            done = int(m.group(1).replace(",", ""))
-            if done >= images:
+        if m := re.search(r"progress: ([\d,]+) images done \(\d+ errors\), ([\d,]+) committed", line):
+            done, said = (int(g.replace(",", "")) for g in m.groups())
+            if done >= images and said >= committed:
                 break
     kill_session(proc)
-    return done
+    return done, said
 
 
 def kill_and_rerun_at_once(site: Site, env: dict | None, cmd: list[str], expected: dict[str, set[str]], done: int) -> dict:

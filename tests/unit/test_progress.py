@@ -31,6 +31,11 @@ def test_line_format_and_eta_from_images_per_shard():
     assert text == "progress: 1,200 images done (3 errors), 41.5 images/s, shards 12/40 read, ETA 1m07s"
 
 
+def test_a_nightly_line_says_what_its_waves_have_committed():
+    text = line(totals(units=12, read=1200, done=1200, errors=3), 40, 1200 / 41.5, committed=900)
+    assert text == "progress: 1,200 images done (3 errors), 900 committed, 41.5 images/s, shards 12/40 read, ETA 1m07s"
+
+
 def test_eta_once_every_shard_is_read_uses_the_exact_count():
     assert line(totals(units=40, read=1000, done=900), 40, 9.0).endswith("shards 40/40 read, ETA 1s")
     assert line(totals(units=40, read=1000, done=1000), 40, 10.0).endswith("ETA 0s")
