@@ -4,7 +4,9 @@ Run A is paused with SIGSTOP at the line it logs between the two (`wave N: lease
 pause, a VM pause or a storage brown-out would pause it. Run B waits for A's lease to expire, takes it over,
 fences the table and finishes. A is resumed and commits from what it read before B: Delta refuses the commit
 and A ends with one sentence saying it lost its lease. Every image is in the table once and the manifest reads.
-Each run is a real `rayseg nightly` process with its own embedded Ray.
+Each run is a real `rayseg nightly` process: A with an embedded Ray of its own (paused, it holds its actors), B and
+the last run joined to the session's `ray start` head. The inputs and OUT are on local disk, then on S3 (a moto
+server), whose conditional writes hold the lease and Delta's log.
 """
 
 from __future__ import annotations
@@ -20,21 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import png_bytes, random_image, tar_bytes
+from nightly_flows import Site, write_shards
 from ray_cluster import session_pids
 from rayseg.table import read_state, read_table
 
 RAYSEG = str(Path(sys.executable).parent / "rayseg")
 SHARDS, PER_SHARD = 8, 4
-
-
-def write_shard(path: Path, seed: int) -> set[str]:
-    rng = np.random.default_rng(seed)
-    path.write_bytes(tar_bytes({f"img{i}.png": png_bytes(random_image(rng, 32, 32)) for i in range(PER_SHARD)}))
-    return {f"file://{path}::img{i}" for i in range(PER_SHARD)}
 
 
 def stop_at(proc: subprocess.Popen, pattern: str, timeout: float) -> list[str]:
@@ -53,16 +48,15 @@ def stop_at(proc: subprocess.Popen, pattern: str, timeout: float) -> list[str]:
 
 @pytest.mark.flow("lease-takeover-fenced")
 @pytest.mark.timeout(480)
-def test_a_run_stalled_between_renewal_and_commit_is_fenced_out_by_the_run_that_took_over(tmp_path):
-    inp, out = tmp_path / "in", tmp_path / "out"
-    inp.mkdir()
-    expected = set().union(*(write_shard(inp / f"s{s}.tar", s) for s in range(SHARDS)))
+def test_a_run_stalled_between_renewal_and_commit_is_fenced_out_by_the_run_that_took_over(site: Site, tmp_path, env):
+    expected = set().union(*write_shards(site, "in", SHARDS, PER_SHARD).values())
+    out = site.url("out")
     ray_tmp = tempfile.mkdtemp(prefix="rsf", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(HOME=str(tmp_path), RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
-    cmd = [RAYSEG, "nightly", str(inp), "--output", str(out), "--model", "unet", "--input-size", "32", "--batch-size", "4",
-           "--commit-every", str(PER_SHARD), "--lease-seconds", "5"]
-    a = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    own = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    own.update(HOME=str(tmp_path), RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
+    cmd = [RAYSEG, "nightly", site.url("in"), "--output", out, "--model", "unet", "--input-size", "32", "--batch-size", "4",
+           "--commit-every", str(PER_SHARD), "--lease-seconds", "5", *site.args()]
+    a = subprocess.Popen(cmd, env=own, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stop_at(a, r"wave 2: lease renewed, committing", timeout=300)
         b = subprocess.run([*cmd, "--lease-wait", "120"], env=env, start_new_session=True, capture_output=True, text=True, timeout=300)
@@ -77,9 +71,9 @@ def test_a_run_stalled_between_renewal_and_commit_is_fenced_out_by_the_run_that_
         errors = [line for line in a_err.splitlines() if line.startswith("rayseg nightly: error:")]
         assert len(errors) == 1 and re.search(r"lost its lease", errors[0]), a_err[-3000:]  # one sentence says why
 
-        ids = read_table(str(out)).to_table(columns=["image_id"]).column("image_id").to_pylist()
+        ids = read_table(out, site.opts).to_table(columns=["image_id"]).column("image_id").to_pylist()
         assert len(ids) == len(set(ids)) and set(ids) == expected  # every image once: A's stalled wave is not in it
-        assert len(read_state(str(out), None).records) == SHARDS  # the manifest reads, naming every shard
+        assert len(read_state(out, site.opts).records) == SHARDS  # the manifest reads, naming every shard
         again = subprocess.run(cmd, env=env, start_new_session=True, capture_output=True, text=True, timeout=300)
         assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1])["nothing_new"], again.stderr[-3000:]
     finally:
