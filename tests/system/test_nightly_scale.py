@@ -82,8 +82,8 @@ def test_waves_by_time_keep_most_of_a_killed_runs_work(site, env, ray_local):
     # the issue's bar, half of what was done, is for its default options and archive (the 8,000-image test below:
     # 59% locally, 68% on S3). Here the workers' files of up to waves.WRITE_ROWS (256) rows make the commits come in
     # steps of about a third of the archive: a kill just after the first one has kept 260 of 580 done (45%), after
-    # the second 520 of 560 (93%)
-    assert 560 <= done < 800 and kept["committed"] >= max(said, 0.3 * done)
+    # the second 520 of 568 (92%)
+    assert 560 <= done < 800 and kept["committed"] >= max(said, 0.4 * done)
 
 
 def write_small_images(site: Site, shards: int, per_shard: int, side: int) -> dict[str, set[str]]:
