@@ -114,7 +114,7 @@ def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, r
         with reporter or contextlib.nullcontext(), gathered(DeviceLog()) as device_log:
             writer = WaveWriter(pending, state, lease, cfg, key, run_id, shard_rows)
             if reporter:
-                reporter.committed = 0
+                reporter.committed = lambda: writer.committed_images
             # workers write the rows (waves.write_stage); only each file's metadata, a row per shard, comes here
             rows = min(waves.WRITE_ROWS, cfg.commit_every or waves.WRITE_ROWS)
             plan = build_plan(cfg, units, bundle, counter, device_log).map_batches(
@@ -124,8 +124,6 @@ def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, r
             # done, at the end of the run when the run is short (80 shards on 2 cores: one wave, at the end)
             for meta in plan.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 writer.add(meta)
-                if reporter:
-                    reporter.committed = writer.committed_images
             writer.finish()
             devices = device_log.devices()
             if reporter:

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import ray
@@ -131,7 +131,7 @@ class Reporter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rayseg-progress", daemon=True)
         self.t0 = time.perf_counter()
-        self.committed: int | None = None  # set by a nightly run after each wave: shown in each line
+        self.committed: Callable[[], int] | None = None  # a nightly run: the images its waves have committed, in each line
 
     def totals(self) -> dict:
         return ray.get(self.counter.totals.remote(), timeout=30)
@@ -139,7 +139,8 @@ class Reporter:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                text = line(self.totals(), self.units_total, time.perf_counter() - self.t0, self.committed)
+                committed = self.committed() if self.committed else None
+                text = line(self.totals(), self.units_total, time.perf_counter() - self.t0, committed)
                 if self.live:
                     self.console.write(text)
                 else:

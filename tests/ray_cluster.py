@@ -61,7 +61,7 @@ class Cluster:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
         # RAY_num_workers_soft_limit as README's `ray start --head` and cluster/ set it: Ray otherwise kills an idle
         # worker process after 1 s once a node has more workers than CPUs (its actors count), so each light task
-        # of a run on a 2-CPU node waited for a new process (the first nightly wave 2-3 s late, seen in CI)
+        # of a run on a 2-CPU node waited for a new process (a nightly write task 2 s late, in a traced run)
         self.env.update(HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_num_workers_soft_limit="256",
                         PATH=f"{BIN}:{os.environ['PATH']}", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", PYTHONUNBUFFERED="1")
 

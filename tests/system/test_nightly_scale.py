@@ -37,9 +37,9 @@ from nightly_flows import (RAYSEG, Site, assert_whole, finish, kill_and_rerun_at
 def test_kill_at_85_percent_redoes_at_most_one_wave(site, env, ray_local):
     """20 shards x 10 images, waves of 15% (30 images): SIGKILL once 85% of the images are done and a wave is
     committed (by the run's own progress lines), then run again. A model input of 224 makes segmentation, not Ray's
-    start-up, most of a run's time, so the kill lands while waves are committing and one is in flight. (The first
-    wave waits for the write stage's first task: on a loaded 2-core machine that has taken 3 s, as long as the
-    whole segmentation at input 160, so the kill waits for a wave rather than assuming one.)"""
+    start-up, most of a run's time, so the kill lands while waves are committing and one is in flight. (The kill
+    waits for a wave rather than assuming one: while the write stage reserved 0.05 CPU, Ray Data held it back behind
+    the reads, and a loaded 2-core machine killed a run at 170 of 200 done with none committed.)"""
     expected = write_shards(site, "in", 20, 10)
     total, every = 200, 30
     cmd = nightly_cmd(site, "in", "--commit-every", str(every), "--input-size", "224", "--lease-seconds", "6", "--lease-wait", "60")
@@ -72,8 +72,8 @@ def test_kill_at_85_percent_redoes_at_most_one_wave(site, env, ray_local):
 @pytest.mark.flow("nightly-waves-by-time")
 @pytest.mark.timeout(600)
 def test_waves_by_time_keep_most_of_a_killed_runs_work(site, env, ray_local):
-    """Options as a user leaves them but --commit-seconds 1 (and a model input of 64, so that segmentation, not the
-    write stage's first task, is most of the run): SIGKILL once 70% of the images are done and a wave is committed.
+    """Options as a user leaves them but --commit-seconds 1 (and a model input of 64, so that segmentation, not Ray's
+    start-up, is most of the run): SIGKILL once 70% of the images are done and a wave is committed.
     At least 40% of what was done is committed (whole shards), and a rerun at once takes over the dead run's lease."""
     expected = write_shards(site, "in", 80, 10)
     cmd = nightly_cmd(site, "in", "--commit-seconds", "1", "--input-size", "64")
