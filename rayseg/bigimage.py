@@ -38,7 +38,7 @@ def region_options(cfg) -> list[str]:
 
 
 def plan_files(urls: list[str], storage_options: dict, plan: regions.RegionPlan, intensity: str, output: str,
-               num_classes: int) -> list[dict | None]:
+               num_classes: int, run_id: str = "") -> list[dict | None]:
     """For each file: None (the ordinary path), or {"image_id", "store", "regions": region row dicts}. The
     image's store is created here, empty, so the actors only write chunks into it."""
     out = []
@@ -51,7 +51,7 @@ def plan_files(urls: list[str], storage_options: dict, plan: regions.RegionPlan,
         if planned is None:
             out.append(None)
             continue
-        store = maskstore.store_url(output, url)
+        store = maskstore.store_url(output, url, run_id)
         shape = tuple(planned.get("shape") or planned["head"]["levels"][0])
         attrs = {"image_id": url, "level": planned["level"], "shape": list(shape), "levels": planned["head"]["levels"],
                  "num_classes": num_classes, "region_size": plan.region_size, "regions": len(planned["regions"]),
@@ -67,7 +67,7 @@ def plan_files(urls: list[str], storage_options: dict, plan: regions.RegionPlan,
     return out
 
 
-def plan(shards, cfg, card) -> tuple[list, list[dict], list[dict]]:
+def plan(shards, cfg, card, run_id: str = "") -> tuple[list, list[dict], list[dict]]:
     """(the shards left to the ordinary path, the huge images [{image_id, store}], their region rows).
 
     Runs the planning in Ray tasks, PLAN_FILES files each; only tiled or pyramidal TIFFs over the threshold, or
@@ -90,7 +90,7 @@ def plan(shards, cfg, card) -> tuple[list, list[dict], list[dict]]:
     groups = [candidates[i : i + PLAN_FILES] for i in range(0, len(candidates), PLAN_FILES)]
     so = cfg.storage_options
     spec = effective(card.intensity, cfg.intensity)
-    results = ray.get([task.remote([s.url for s in g], so, rp, spec, cfg.output, card.num_classes) for g in groups])
+    results = ray.get([task.remote([s.url for s in g], so, rp, spec, cfg.output, card.num_classes, run_id) for g in groups])
     large, rows = [], []
     for group, planned in zip(groups, results):
         for shard, p in zip(group, planned):
@@ -142,7 +142,7 @@ def region_rows(batch: dict[str, np.ndarray]) -> list[int]:
     return [i for i, f in enumerate(batch.get("format", ())) if f == "region"]
 
 
-REGION_FIELDS = (("mask_url", pa.string()), ("regions_skipped", pa.int32()))
+from rayseg.stats import REGION_FIELDS  # noqa: E402 - beside the helpers that use it
 
 
 def with_region_columns(table: pa.Table) -> pa.Table:

@@ -324,7 +324,7 @@ def _check_nightly(cfg) -> None:
         raise UserError("nightly never clears its output; remove the overwrite option")
 
 
-NightlyConfig = compose("NightlyConfig", MODEL, ("inputs",), OUTPUT, STORAGE, READ, PREDICT, POOL, CLUSTER,
+NightlyConfig = compose("NightlyConfig", MODEL, ("inputs",), OUTPUT, STORAGE, READ, REGIONS, PREDICT, POOL, CLUSTER,
                         ("commit_seconds", "commit_mb", "commit_every", "lease_seconds", "lease_wait", "status",
                          "unsafe_single_writer", "keep_hours", "compact_mb", "full_vacuum"),
                         hidden=("overwrite",), check=_check_nightly,

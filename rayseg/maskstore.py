@@ -30,10 +30,11 @@ MIN_CORE = 64  # the smallest core side a pyramid level goes down to: below it t
 MAX_CHUNK = 512  # chunk side at level 0: 256 KiB of uint8, a viewer's usual tile
 
 
-def store_url(output: str, image_id: str) -> str:
-    """OUT/masks/STEM-HASH.zarr: readable, and distinct for images of one name in different folders."""
+def store_url(output: str, image_id: str, run_id: str = "") -> str:
+    """OUT/masks/STEM-HASH.zarr: readable, and distinct for images of one name in different folders. A nightly run
+    writes under OUT/masks/RUN_ID/, so a committed row's store never changes under its readers."""
     stem = posixpath.basename(image_id.rstrip("/")).split(".")[0][:64] or "image"
-    return storage.join(output, "masks", f"{stem}-{hashlib.sha256(image_id.encode()).hexdigest()[:12]}.zarr")
+    return storage.join(output, "masks", *([run_id] if run_id else []), f"{stem}-{hashlib.sha256(image_id.encode()).hexdigest()[:12]}.zarr")
 
 
 def zarr_store(url: str, storage_options: dict | None):

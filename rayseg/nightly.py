@@ -90,17 +90,23 @@ def status(cfg: NightlyConfig, shards, key: str) -> dict:
 
 
 def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, run_id: str) -> tuple[list[dict], dict]:
-    """One Ray Data plan over the pending shards, committed wave by wave; returns (waves, cluster)."""
+    """One Ray Data plan over the pending shards, committed wave by wave; returns (waves, cluster, huge images).
+
+    A huge image (a tiled or pyramidal TIFF over --region-pixels, or any pyramid: rayseg.bigimage) is a shard of its
+    own: its regions join the ordinary rows in the pool and write its mask store, then its one row is made from the
+    store and committed with the next wave, so its shard, like any other, commits whole or not at all."""
     import ray
 
-    from rayseg import progress, runtime, waves
+    from rayseg import bigimage, progress, runtime, waves
     from rayseg.devices import DeviceLog, gathered
     from rayseg.segment import build_plan, work_units
     from rayseg.waves import WaveWriter
 
     runtime.ensure_ray(cfg.address, cfg.quiet, cfg.dashboard)
     runtime.configure_data(cfg.quiet)
-    units = work_units(pending)
+    # huge images (a loose file each, so a shard each) go by region; their stores are this run's (OUT/masks/RUN_ID/)
+    ordinary, large, region_rows = bigimage.plan(pending, cfg, bundle.card, run_id)
+    units = work_units(ordinary)
     reporter = progress.Reporter(len(units)) if progress.wants_log_lines(cfg.quiet) else None
     # the counter also keeps the rows of each shard read whole, so waves close on whole shards in any arrival order
     counter = reporter.counter if reporter else progress.Counter.remote()
@@ -117,13 +123,24 @@ def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, r
                 reporter.committed = lambda: writer.committed_images
             # workers write the rows (waves.write_stage); only each file's metadata, a row per shard, comes here
             rows = min(waves.WRITE_ROWS, cfg.commit_every or waves.WRITE_ROWS)
-            plan = build_plan(cfg, units, bundle, counter, device_log).map_batches(
-                waves.write_stage, batch_size=rows, batch_format="pyarrow", zero_copy_batch=True,
-                fn_kwargs={"output": cfg.output, "storage_options": cfg.storage_options, "run_id": run_id}, **runtime.COMMIT_TASK_ARGS)
-            # no prefetch: the blocks are a few metadata rows, and a prefetch of 2 held each back until 2 more were
-            # done, at the end of the run when the run is short (80 shards on 2 cores: one wave, at the end)
-            for meta in plan.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                writer.add(meta)
+            write_kw = {"batch_format": "pyarrow", "zero_copy_batch": True, **runtime.COMMIT_TASK_ARGS,
+                        "fn_kwargs": {"output": cfg.output, "storage_options": cfg.storage_options, "run_id": run_id}}
+            if units or region_rows:
+                plan = build_plan(cfg, units, bundle, counter, device_log, region_rows).map_batches(
+                    waves.write_stage, batch_size=rows, **write_kw)
+                # no prefetch: the blocks are a few metadata rows, and a prefetch of 2 held each back until 2 more
+                # were done, at the end of the run when the run is short (80 shards on 2 cores: one wave, at the end)
+                for meta in plan.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                    writer.add(meta)
+            if large:  # every region is written: each huge image's row, from its store, commits with the next wave
+                writer.expect({x["image_id"]: 1 for x in large})
+                image_kw = {"storage_options": cfg.storage_options, "model": bundle.label, "objects": cfg.objects,
+                            "min_area": cfg.min_area, "cog": cfg.cog, "ome_tiff": cfg.ome_tiff}
+                rows_of_large = ray.data.from_items(large, override_num_blocks=len(large)).map_batches(
+                    bigimage.image_rows, batch_size=1, fn_kwargs=image_kw, num_cpus=runtime.READ_CPUS)
+                for meta in rows_of_large.map_batches(waves.write_stage, batch_size=rows, **write_kw).iter_batches(
+                        batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                    writer.add(meta)
             writer.finish()
             devices = device_log.devices()
             if reporter:
@@ -131,7 +148,7 @@ def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, r
     finally:
         if reporter is None:
             ray.kill(counter)
-    return writer.waves, {**runtime.cluster_summary(), "devices": devices}
+    return writer.waves, {**runtime.cluster_summary(), "devices": devices}, {"large_images": len(large), "regions": len(region_rows)}
 
 
 def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
@@ -155,7 +172,7 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
         return status(cfg, shards, key)
     state = table.read_state(cfg.output, so)
     b = backlog(shards, state.records, key)
-    waves, cluster, previous, vacuumed, compaction = [], None, None, 0, None
+    waves, cluster, previous, vacuumed, compaction, large = [], None, None, 0, None, {"large_images": 0, "regions": 0}
     if b["new"] or b["changed"]:
         from rayseg.lease import Lease
 
@@ -170,13 +187,14 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
             table.compact_manifest(cfg.output, so, state, run_id)  # parts a killed run left
             if b["new"] or b["changed"]:
                 todo = sorted(b["new"] + b["changed"], key=lambda s: s.url)
-                waves, cluster = segment_waves(cfg, todo, bundle, state, lease, key, run_id)
+                waves, cluster, large = segment_waves(cfg, todo, bundle, state, lease, key, run_id)
                 compaction = compact_or_warn(state, cfg, lease, run_id)
                 if all(state.records.get(s.url, {}).get("run_id") == run_id for s in todo):  # the night is whole
                     commit.mark_complete(state, cfg.output, lease.generation, run_id, started.date().isoformat())
                 table.compact_manifest(cfg.output, so, state, run_id)
                 vacuumed = table.vacuum(state, cfg.keep_hours, full_vacuum)
     summary = make_summary(cfg, run_id, shards, b, waves, state, previous, bundle, key, ignored, cluster, vacuumed, compaction)
+    summary.update(large)  # huge images segmented by region this run, and their regions
     summary.update(layout.summary_tail(started, t0))
     storage.write_json(storage.join(cfg.output, RUNS_DIR, f"{run_id}.json"), summary, so)
     return summary

@@ -29,6 +29,10 @@ SCHEMA = pa.schema([
     ("model", pa.string()),
     ("error", pa.string()),
 ])
+# The two columns a huge image's row fills (rayseg.bigimage): its mask store's URL in place of the PNG, and how many
+# of its regions were skipped as background. A segment output has them when its run had a huge image; a nightly
+# table always has them (null on ordinary rows).
+REGION_FIELDS = (("mask_url", pa.string()), ("regions_skipped", pa.int32()))
 
 
 def encode_png(mask: np.ndarray) -> bytes:

@@ -33,11 +33,13 @@ import pyarrow.parquet as pq
 
 from rayseg import layout, storage
 from rayseg.objects import OBJECTS_TYPE
-from rayseg.stats import SCHEMA
+from rayseg.stats import REGION_FIELDS, SCHEMA
 
 log = logging.getLogger("rayseg")
 
-NIGHTLY_SCHEMA = SCHEMA.append(pa.field("objects", OBJECTS_TYPE))  # objects: null unless --objects
+# objects: null unless --objects; the region columns: null but on huge images' rows (tables made before them gain
+# them on the next run: open_table)
+NIGHTLY_SCHEMA = pa.schema([*SCHEMA, pa.field("objects", OBJECTS_TYPE), *(pa.field(n, t) for n, t in REGION_FIELDS)])
 MANIFEST_DIR, PARTS_DIR, POINTER = "_manifest", "parts", "_snapshot.json"
 MANIFEST_SCHEMA = pa.schema([("shard_url", pa.string()), ("size", pa.int64()), ("version", pa.string()), ("key", pa.string()),
                              ("files", pa.list_(pa.string())), ("rows", pa.int64()), ("errors", pa.int64()), ("run_id", pa.string()),
@@ -98,7 +100,24 @@ def open_table(output: str, storage_options: dict | None, create: bool = False):
             return None
         DeltaTable.create(uri, NIGHTLY_SCHEMA, mode="ignore", storage_options=opts, name="rayseg images",
                           configuration=TABLE_PROPERTIES)
-    return DeltaTable(uri, storage_options=opts)
+    dt = DeltaTable(uri, storage_options=opts)
+    if create:
+        add_missing_columns(dt)
+    return dt
+
+
+def add_missing_columns(dt) -> None:
+    """A table made by an older rayseg gains the columns NIGHTLY_SCHEMA has since added (nullable; its old files
+    read them as null). Called by a run holding the lease, before its fence: a commit whose files carry a column the
+    table's schema lacks would be read without it."""
+    from deltalake import Field, Schema
+
+    have = set(pa.schema(dt.schema().to_arrow()).names)
+    missing = [f for f in NIGHTLY_SCHEMA if f.name not in have]
+    if missing:
+        new = Schema.from_arrow(pa.schema(missing))
+        dt.alter.add_columns(list(new.fields))
+        log.info("the images table gained the column(s) %s", ", ".join(f.name for f in missing))
 
 
 def read_table(output: str, storage_options: dict | None = None, table: str = "images", night: str | None = None) -> pads.Dataset:

@@ -54,9 +54,11 @@ FILE_SCHEMA = pa.schema([("file", pa.string()), ("bytes", pa.int64()), ("stats",
 
 
 def conform(batch: pa.Table) -> pa.Table:
-    """A plan batch in the table's schema (the objects column is null without --objects)."""
-    if "objects" not in batch.column_names:
-        batch = batch.append_column("objects", pa.nulls(batch.num_rows, table.NIGHTLY_SCHEMA.field("objects").type))
+    """A plan batch in the table's schema (the objects column is null without --objects, the region columns on
+    ordinary rows of a run without huge images)."""
+    for field in table.NIGHTLY_SCHEMA:
+        if field.name not in batch.column_names:
+            batch = batch.append_column(field, pa.nulls(batch.num_rows, field.type))
     return batch.select(table.NIGHTLY_SCHEMA.names).cast(table.NIGHTLY_SCHEMA)
 
 
@@ -196,6 +198,10 @@ class WaveWriter:
         self.lease.progress = {"committed_images": self.committed_images,
                                "images_in_flight": sum(self.received[u][0] for u in self.files_of),
                                "shards_in_flight": len(self.files_of), "waves_committed": len(self.waves)}
+
+    def expect(self, rows: dict[str, int]) -> None:
+        """Shards whose row counts are known without the read stage's counter (a huge image: one row)."""
+        self.expected.update(rows)
 
     def finish(self) -> None:
         """The plan is done, so every shard is complete; shards that gave no rows are committed with none."""

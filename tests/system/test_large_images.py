@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from conftest import png_bytes
-from large_images import balanced, ihc, tiled_picture, write_pyramid, write_slide
+from large_images import balance, balanced, ihc, tiled_picture, write_pyramid, write_slide
 from process_memory import peaks_during, segment_cli
 from rayseg import bigimage, maskstore, segment
 from rayseg.config import PredictConfig, ReportConfig
-from rayseg.models import ModelCard, load_bundle, save_checkpoint
+from rayseg.models import ModelCard, UNet, load_bundle, save_checkpoint
 from rayseg.predict import Predictor
 from rayseg.report import report
 from rayseg.table import read_table
@@ -106,3 +106,55 @@ def test_a_32768_slide_segments_by_region_in_the_memory_of_a_16384_one(tmp_path)
           f"32768² {large / 2**20:.0f} MiB ({summaries[32768]['regions']} regions); "
           f"runs {summaries[16384]['elapsed_s']} s and {summaries[32768]['elapsed_s']} s")
     assert large <= 1.10 * small
+
+
+@pytest.mark.flow("nightly-large-image")
+def test_nightly_segments_a_huge_image_by_region_and_commits_its_row_once(ray_local, tmp_path):
+    """`rayseg nightly` on a folder holding a pyramid and two PNGs: the pyramid's regions go over the pool beside
+    the PNGs, its one row (a mask store under OUT/masks/RUN_ID/, equal to the one-actor sliding window) commits
+    with the others; a rerun finds nothing new; a new model replaces the row and points it at a new store, while
+    the old store stays as the last snapshot read it."""
+    from rayseg.nightly import nightly
+
+    side, tile, region = 1024, 128, 512
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    img = tiled_picture(side)
+    write_pyramid(inputs / "slide.tif", img, levels=2, tile=128)
+    for i in range(2):
+        (inputs / f"small{i}.png").write_bytes(png_bytes(ihc()[:100 + 20 * i, :150]))
+    torch.manual_seed(0)
+    model = UNet(2).eval()  # rayseg's own UNet as a checkpoint holds it, biased to give both classes
+    model = balance(model, model.head.bias, ihc()[:256, :256])
+    ckpt = str(tmp_path / "ckpt")
+    save_checkpoint(model, ModelCard("unet", 2, input_size=tile), ckpt)
+    out = str(tmp_path / "out")
+    kw = dict(inputs=(str(inputs),), output=out, checkpoint=ckpt, tile=tile, overlap=0.25, region_size=region,
+              background="none", batch_size=4, quiet=True)
+
+    first = nightly(**kw)
+    assert (first["rows"], first["errors"], first["large_images"], first["regions"]) == (3, 0, 1, (side // region) ** 2)
+    rows = read_table(out).to_table().to_pandas().set_index("image_id")
+    assert len(rows) == 3 and rows.index.is_unique
+    big = rows.loc[[i for i in rows.index if i.endswith("slide.tif")][0]]
+    assert big["mask_png"] is None and big["regions_skipped"] == 0
+    assert f"/masks/{first['run_id']}/" in big["mask_url"] and big["shard"] == big.name
+    assert all(pd.isna(rows.loc[i, "mask_url"]) and rows.loc[i, "mask_png"] is not None for i in rows.index if i.endswith(".png"))
+    torch.set_num_threads(1)
+    reference, _, _ = Predictor(load_bundle(ckpt), PredictConfig(tile=tile, overlap=0.25, batch_size=4), threads=1).tiled(img)
+    first_mask = maskstore.read_mask(big["mask_url"])
+    assert 0.1 < reference.mean() < 0.9 and int((first_mask != reference).sum()) == 0
+    assert list(big["class_pixels"]) == np.bincount(reference.ravel(), minlength=2).tolist()
+
+    assert nightly(**kw)["nothing_new"]  # every shard, the huge image's included, is committed
+
+    with torch.no_grad():
+        model.head.bias += torch.tensor([0.3, -0.3])  # another model: more background
+    save_checkpoint(model, ModelCard("unet", 2, input_size=tile), ckpt)
+    second = nightly(**kw)
+    assert (second["rows"], second["large_images"]) == (3, 1)
+    rows = read_table(out).to_table().to_pandas().set_index("image_id")
+    assert len(rows) == 3 and rows.index.is_unique
+    again = rows.loc[big.name]
+    assert f"/masks/{second['run_id']}/" in again["mask_url"] and again["class_pixels"][0] > big["class_pixels"][0]
+    assert int((maskstore.read_mask(big["mask_url"]) != first_mask).sum()) == 0  # the first night's store is kept
