@@ -192,7 +192,7 @@ def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:
                 if all(state.records.get(s.url, {}).get("run_id") == run_id for s in todo):  # the night is whole
                     commit.mark_complete(state, cfg.output, lease.generation, run_id, started.date().isoformat())
                 table.compact_manifest(cfg.output, so, state, run_id)
-                vacuumed = table.vacuum(state, cfg.keep_hours, full_vacuum)
+                vacuumed = table.vacuum(state, cfg.keep_hours, full_vacuum, cfg.output, so)
     summary = make_summary(cfg, run_id, shards, b, waves, state, previous, bundle, key, ignored, cluster, vacuumed, compaction)
     summary.update(large)  # huge images segmented by region this run, and their regions
     summary.update(layout.summary_tail(started, t0))

@@ -40,6 +40,7 @@ log = logging.getLogger("rayseg")
 # objects: null unless --objects; the region columns: null but on huge images' rows (tables made before them gain
 # them on the next run: open_table)
 NIGHTLY_SCHEMA = pa.schema([*SCHEMA, pa.field("objects", OBJECTS_TYPE), *(pa.field(n, t) for n, t in REGION_FIELDS)])
+MASKS_DIR = "masks"  # OUT/masks/RUN_ID/NAME-HASH.zarr: huge images' mask stores (rayseg.maskstore.store_url)
 MANIFEST_DIR, PARTS_DIR, POINTER = "_manifest", "parts", "_snapshot.json"
 MANIFEST_SCHEMA = pa.schema([("shard_url", pa.string()), ("size", pa.int64()), ("version", pa.string()), ("key", pa.string()),
                              ("files", pa.list_(pa.string())), ("rows", pa.int64()), ("errors", pa.int64()), ("run_id", pa.string()),
@@ -392,8 +393,10 @@ def keep_rows(output: str, storage_options: dict | None, rel: str, keep: list[st
     return t.filter(pc.is_in(t["shard"], pa.array(keep, pa.string())))
 
 
-def vacuum(state: State, keep_hours: int = VACUUM_HOURS, full: bool = False) -> int:
-    """Delete files that commits replaced more than `keep_hours` ago; returns how many.
+def vacuum(state: State, keep_hours: int = VACUUM_HOURS, full: bool = False, output: str | None = None,
+           storage_options: dict | None = None) -> int:
+    """Delete files that commits replaced more than `keep_hours` ago; returns how many. Given OUT (`output`), also
+    the huge images' mask stores that only those files named (delete_unreferenced_stores).
 
     Without `full` only the log's own record of replaced files is read, so the cost follows what was replaced in the
     time-travel window, not the table's history. `full` also lists every file under the table for files no commit
@@ -402,8 +405,55 @@ def vacuum(state: State, keep_hours: int = VACUUM_HOURS, full: bool = False) -> 
     """
     if state.table is None:
         return 0
-    removed = state.table.vacuum(retention_hours=keep_hours, enforce_retention_duration=False, dry_run=False, full=full)
+    args = {"retention_hours": keep_hours, "enforce_retention_duration": False, "full": full}
+    masks = storage.join(output, MASKS_DIR) if output is not None else None
+    has_masks = masks is not None and storage.is_nonempty(masks, storage_options)  # huge images' stores (nightly)
+    doomed = state.table.vacuum(dry_run=True, **args) if has_masks else []
+    stores = _mask_urls(output, storage_options, doomed)  # read before their files go
+    removed = state.table.vacuum(dry_run=False, **args)
+    if has_masks and (stores or full):
+        gone = delete_unreferenced_stores(output, storage_options, stores, full)
+        if gone:
+            log.info("deleted %d mask store(s) no data file names any more", gone)
     return len(removed)
+
+
+def _store_key(url: str) -> str:
+    """RUN_ID/NAME.zarr of a store under OUT/masks/, whatever the URL's spelling."""
+    return "/".join(str(url).rstrip("/").split("/")[-2:])
+
+
+def _mask_urls(output: str, storage_options: dict | None, rels) -> set[str]:
+    """The mask stores (keys: _store_key) the rows of data files `rels` (relative to the table) name."""
+    out: set[str] = set()
+    for rel in rels:
+        if not str(rel).endswith(".parquet"):
+            continue
+        fs, path = storage.pyarrow_filesystem(storage.join(output, layout.IMAGES_DIR, rel), storage_options)
+        try:
+            urls = pq.read_table(path, filesystem=fs, columns=["mask_url"], schema=NIGHTLY_SCHEMA).column("mask_url")
+        except FileNotFoundError:  # already gone: a log's remove can name a file the run deleted itself
+            continue
+        out.update(_store_key(u) for u in urls.drop_null().to_pylist())
+    return out
+
+
+def delete_unreferenced_stores(output: str, storage_options: dict | None, candidates: set[str], full: bool) -> int:
+    """Delete huge images' mask stores that no data file left in the table names: the stores of rows a vacuum just
+    removed (`candidates`) and, with `full`, every store under OUT/masks/ (a killed run's, never committed). A store
+    named by any data file still on disk (the current rows, or rows an older snapshot within --keep-hours still
+    reads) is kept. Returns how many were deleted."""
+    fs, images = storage.filesystem(storage.join(output, layout.IMAGES_DIR), storage_options)
+    files = [p for p in fs.find(images) if p.endswith(".parquet") and "/_delta_log/" not in p]
+    referenced = _mask_urls(output, storage_options, [p[len(images.rstrip("/")) + 1:] for p in files])
+    mfs, masks = storage.filesystem(storage.join(output, MASKS_DIR), storage_options)
+    if full:
+        candidates = set(candidates) | {_store_key(p) for p in mfs.glob(f"{masks.rstrip('/')}/*/*.zarr")}
+    gone = 0
+    for key in sorted(candidates - referenced):
+        mfs.rm(f"{masks.rstrip('/')}/{key}", recursive=True)
+        gone += 1
+    return gone
 
 
 def last_run_ended_whole(output: str, storage_options: dict | None, dt) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import cv2
@@ -158,3 +159,14 @@ def test_nightly_segments_a_huge_image_by_region_and_commits_its_row_once(ray_lo
     again = rows.loc[big.name]
     assert f"/masks/{second['run_id']}/" in again["mask_url"] and again["class_pixels"][0] > big["class_pixels"][0]
     assert int((maskstore.read_mask(big["mask_url"]) != first_mask).sum()) == 0  # the first night's store is kept
+
+    # vacuum: once the replaced row's file goes, its store goes with it; a store no commit ever named (a killed
+    # run's) goes with a full vacuum; the current row's store stays
+    from rayseg.table import read_state, vacuum
+
+    orphan = tmp_path / "out" / "masks" / "20990101T000000Z-deadbeef" / "slide-000000000000.zarr"
+    shutil.copytree(Path(again["mask_url"]), orphan)
+    assert vacuum(read_state(out, None), 0, False, out) >= 1
+    assert not Path(big["mask_url"]).exists() and Path(again["mask_url"]).exists() and orphan.exists()
+    vacuum(read_state(out, None), 0, True, out)
+    assert not orphan.exists() and int((maskstore.read_mask(again["mask_url"]) == 0).sum()) == again["class_pixels"][0]

@@ -266,3 +266,27 @@ def test_a_table_created_between_the_readers_two_looks_is_read_through_its_log(t
     monkeypatch.setattr(table, "is_table", first_look_before_the_table)
     assert image_ids(out) == ["a0", "a1"]
     assert len(looks) >= 2
+
+
+def test_a_table_made_before_the_region_columns_gains_them_and_its_old_rows_read_null(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable
+
+    out = str(tmp_path / "out")
+    old = pa.schema([f for f in table.NIGHTLY_SCHEMA if f.name not in ("mask_url", "regions_skipped")])
+    DeltaTable.create(os.path.join(out, layout.IMAGES_DIR), old)  # as an older rayseg made it
+    state = table.State({}, table=table.open_table(out, None))
+    rows = pa.Table.from_pylist([{"image_id": "a.png", "shard": "s://a", "height": 4, "width": 4}], schema=old)
+    pq.write_table(rows, os.path.join(out, layout.IMAGES_DIR, "a-1.parquet"))
+    size = os.path.getsize(os.path.join(out, layout.IMAGES_DIR, "a-1.parquet"))
+    commit.commit(state, out, None, [table.add_action("a-1.parquet", size, table.FileStats().update(rows).json())], [],
+                  [manifest_row("s://a")], "r1-w0001.parquet", generation=1, run_id="r1")
+    assert "mask_url" not in table.read_table(out).schema.names
+
+    table.open_table(out, None, create=True)  # what the next run does under its lease
+    got = table.read_table(out).to_table()
+    assert got.schema.field("mask_url").type == pa.string() and got.schema.field("regions_skipped").type == pa.int32()
+    assert got.to_pylist()[0]["mask_url"] is None and got.num_rows == 1
+    table.open_table(out, None, create=True)  # nothing left to add: no commit
+    assert DeltaTable(os.path.join(out, layout.IMAGES_DIR)).version() == 2
