@@ -7,6 +7,7 @@ commit them in waves, each exactly once.
 Layout of OUT (read it with `rayseg.read_table(OUT)`; see rayseg/table.py, and rayseg/commit.py for how waves commit):
 
     images/              a Delta table: one row per image, objects (with --objects) inside their image's row
+    masks/<run id>/      huge images' mask stores (OME-Zarr), named by their rows' mask_url (rayseg.bigimage)
     _manifest/           the committed shards: URL, size, version, key, files (a snapshot + the parts of recent waves)
     _lease.json          the lease of the run writing OUT (rayseg/lease.py)
     _runs/<run id>.json  the summary of each run (also printed)
