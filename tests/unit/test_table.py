@@ -290,3 +290,36 @@ def test_a_table_made_before_the_region_columns_gains_them_and_its_old_rows_read
     assert got.to_pylist()[0]["mask_url"] is None and got.num_rows == 1
     table.open_table(out, None, create=True)  # nothing left to add: no commit
     assert DeltaTable(os.path.join(out, layout.IMAGES_DIR)).version() == 2
+
+
+def test_the_vacuum_deletes_a_mask_store_with_the_last_file_naming_it(tmp_path, site):
+    """Huge images' stores (OUT/masks/RUN/NAME.zarr) go with the last data file that names them: a replaced row's
+    after --keep-hours, a store no file names (a killed run's) with a full vacuum; a current row's stays."""
+    import pyarrow as pa
+
+    from rayseg import storage
+
+    out, opts = site
+    _, state = new_table(tmp_path, [], (out, opts))
+    fs, _ = storage.filesystem(out, opts)
+
+    def store(run: str) -> str:  # a store's files, as the actors leave them
+        url = storage.join(out, "masks", run, "slide-0123456789ab.zarr")
+        storage.write_json(storage.join(url, "zarr.json"), {"zarr_format": 3}, opts)
+        return url
+
+    def commit_row(rel: str, url: str, removes=()) -> None:
+        rows = pa.Table.from_pylist([{"image_id": "s://slide.tif", "shard": "s://slide.tif", "mask_url": url}], schema=table.NIGHTLY_SCHEMA)
+        size = table.write_file(rows, storage.join(out, layout.IMAGES_DIR, rel), opts)
+        commit.commit(state, out, opts, [table.add_action(rel, size, table.FileStats().update(rows))], list(removes),
+                      [manifest_row("s://slide.tif")], f"r1-{rel}", generation=1, run_id="r1")
+
+    old, new, dead = store("run1"), store("run2"), store("run3")
+    commit_row("a-1.parquet", old)
+    commit_row("a-2.parquet", new, removes=["a-1.parquet"])  # a new model: the row replaced, pointing at a new store
+    assert table.vacuum(table.read_state(out, opts), 0, False, out, opts) == 1
+    exists = [fs.exists(fs._strip_protocol(u)) for u in (old, new, dead)]
+    assert exists == [False, True, True]  # the replaced row's store went with its file; the killed run's waits
+    table.vacuum(table.read_state(out, opts), 0, True, out, opts)
+    assert [fs.exists(fs._strip_protocol(u)) for u in (old, new, dead)] == [False, True, False]
+    assert table.read_table(out, opts).to_table().column("mask_url").to_pylist() == [new]
