@@ -152,6 +152,22 @@ def with_region_columns(table: pa.Table) -> pa.Table:
     return table
 
 
+def map_transform(store: str, source: str, storage_options: dict):
+    """For a GeoTIFF's store: a function (x, y) in continuous level-0 pixels -> (x, y) in the source's CRS (its
+    geotransform, read with rasterio); None for other images, or without rasterio (rayseg[geo]), which is said once."""
+    if not maskstore.attributes(store, storage_options).get("geo"):
+        return None
+    if importlib.util.find_spec("rasterio") is None:
+        if not getattr(map_transform, "said", False):
+            log.warning("objects of GeoTIFFs get no map coordinates (centroid_map) without rasterio: pip install 'rayseg[geo]'")
+            map_transform.said = True
+        return None
+    from rayseg.geo import source_georeference
+
+    _, transform, _ = source_georeference(source, storage_options)
+    return lambda x, y: transform @ (x, y)
+
+
 def image_rows(batch: dict[str, np.ndarray], storage_options: dict, model: str, objects: bool, min_area: int = 0,
                cog: bool = False, ome_tiff: bool = False) -> pa.Table:
     """Ray Data stage: huge images' stores -> their output rows (stats.SCHEMA, the region columns, and with
@@ -162,7 +178,8 @@ def image_rows(batch: dict[str, np.ndarray], storage_options: dict, model: str, 
 
     rows = []
     for store, image_id in zip(batch["store"], batch["image_id"]):
-        r = maskstore.image_row(str(store), storage_options, objects, min_area)
+        to_map = map_transform(str(store), str(image_id), storage_options) if objects else None
+        r = maskstore.image_row(str(store), storage_options, objects, min_area, to_map)
         r["model"] = model
         if cog and r["error"] is None and maskstore.attributes(str(store), storage_options).get("geo"):
             from rayseg.geo import write_cog

@@ -207,23 +207,33 @@ def components(url: str, storage_options: dict | None, classes: list[int], band:
     return out
 
 
-def objects_of(found: dict[int, dict], min_area: int) -> list[dict]:
-    """The objects table rows of a huge image (rayseg.objects' fields; no per-object RLE or confidence yet)."""
+def objects_of(found: dict[int, dict], min_area: int, scale: tuple[float, float] = (1.0, 1.0), to_map=None) -> list[dict]:
+    """The objects table rows of a huge image (rayseg.objects' fields; no per-object RLE or confidence yet), in
+    level-0 pixels of the source: the mask's pixels times `scale` (x, y: level 0's size over the level segmented's),
+    so at --level 0 exactly the mask's. `min_area` is in the mask's pixels. `to_map(x, y)`, given, maps continuous
+    level-0 pixel coordinates (corner at 0, 0) to the source's CRS: each object's `centroid_map`."""
+    sx, sy = scale
     out = []
     for c, comp in sorted(found.items()):
         if c == 0:
             continue
         for k in np.argsort(comp["bbox"][:, 1] * (1 << 32) + comp["bbox"][:, 0], kind="stable"):  # top to bottom
             if comp["area"][k] >= max(min_area, 1):
-                out.append({"class": int(c), "area": int(comp["area"][k]), "bbox": [int(v) for v in comp["bbox"][k]],
-                            "centroid": [float(v) for v in comp["centroid"][k]], "mean_confidence": None, "rle": None})
+                x, y, w, h = (int(v) for v in comp["bbox"][k])
+                cx, cy = (float(v) for v in comp["centroid"][k])  # pixel indices: a pixel's centre is at i + 0.5
+                obj = {"class": int(c), "area": int(round(int(comp["area"][k]) * sx * sy)),
+                       "bbox": [int(round(x * sx)), int(round(y * sy)), int(round(w * sx)), int(round(h * sy))],
+                       "centroid": [(cx + 0.5) * sx - 0.5, (cy + 0.5) * sy - 0.5], "mean_confidence": None, "rle": None}
+                if to_map is not None:
+                    obj["centroid_map"] = [float(v) for v in to_map((cx + 0.5) * sx, (cy + 0.5) * sy)]
+                out.append(obj)
     return out
 
 
-def image_row(url: str, storage_options: dict | None, objects: bool = False, min_area: int = 0) -> dict:
+def image_row(url: str, storage_options: dict | None, objects: bool = False, min_area: int = 0, to_map=None) -> dict:
     """The image's output row fields from its store: class pixels (skipped regions are background), mean
-    confidence over the pixels segmented, components over the whole mask (and with `objects`, each of them),
-    regions skipped, the first error."""
+    confidence over the pixels segmented, components over the whole mask (and with `objects`, each of them, in
+    level-0 pixels, with map coordinates where `to_map` is given: objects_of), regions skipped, the first error."""
     attrs = attributes(url, storage_options)
     recs = records(url, storage_options)
     k = attrs["num_classes"]
@@ -244,7 +254,8 @@ def image_row(url: str, storage_options: dict | None, objects: bool = False, min
     segmented = sum(r["pixels"] for r in recs)
     found = components(url, storage_options, [c for c in range(k) if pixels[c]])
     if objects:
-        row["objects"] = objects_of(found, min_area)
+        h0, w0 = attrs.get("levels", [[h, w]])[0]
+        row["objects"] = objects_of(found, min_area, (w0 / w, h0 / h), to_map)
     row.update(class_pixels=pixels.tolist(), num_components=[found[c]["count"] if c in found else 0 for c in range(k)],
                mean_confidence=sum(r["confidence_sum"] for r in recs) / segmented if segmented else float("nan"))
     return row

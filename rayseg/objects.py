@@ -25,6 +25,7 @@ OBJECT_STRUCT = pa.struct([
     ("centroid", pa.list_(pa.float64())),  # x, y
     ("mean_confidence", pa.float32()),
     ("rle", RLE_STRUCT),
+    ("centroid_map", pa.list_(pa.float64())),  # x, y in the source's CRS: a huge GeoTIFF's objects; null otherwise
 ])
 OBJECTS_TYPE = pa.list_(OBJECT_STRUCT)  # the column the image rows carry
 OBJECTS_SCHEMA = pa.schema([("image_id", pa.string())] + [(f.name, f.type) for f in OBJECT_STRUCT])

@@ -103,22 +103,41 @@ def open_table(output: str, storage_options: dict | None, create: bool = False):
                           configuration=TABLE_PROPERTIES)
     dt = DeltaTable(uri, storage_options=opts)
     if create:
-        add_missing_columns(dt)
+        add_missing_columns(dt, uri, opts)
     return dt
 
 
-def add_missing_columns(dt) -> None:
-    """A table made by an older rayseg gains the columns NIGHTLY_SCHEMA has since added (nullable; its old files
-    read them as null). Called by a run holding the lease, before its fence: a commit whose files carry a column the
-    table's schema lacks would be read without it."""
-    from deltalake import Field, Schema
+def add_missing_columns(dt, uri: str, opts: dict | None) -> None:
+    """A table made by an older rayseg gains the columns and object fields NIGHTLY_SCHEMA has since added (nullable;
+    its old files read them as null), by a schema merge that adds no file. Called by a run holding the lease, before
+    its fence: a commit whose files carry a column the table's schema lacks would be read without it."""
+    from deltalake import write_deltalake
 
-    have = set(pa.schema(dt.schema().to_arrow()).names)
-    missing = [f for f in NIGHTLY_SCHEMA if f.name not in have]
+    have = _paths(pa.schema(dt.schema().to_arrow()))
+    missing = sorted(_paths(NIGHTLY_SCHEMA) - have)
     if missing:
-        new = Schema.from_arrow(pa.schema(missing))
-        dt.alter.add_columns(list(new.fields))
-        log.info("the images table gained the column(s) %s", ", ".join(f.name for f in missing))
+        write_deltalake(uri, NIGHTLY_SCHEMA.empty_table(), mode="append", schema_mode="merge", storage_options=opts)
+        dt.update_incremental()
+        log.info("the images table gained %s", ", ".join(missing))
+
+
+def _paths(schema: pa.Schema) -> set[str]:
+    """Every field's dotted path, into structs and list elements (a list's element field is named differently by
+    pyarrow and Delta, so names, not types, are compared)."""
+    out: set[str] = set()
+
+    def walk(prefix: str, typ) -> None:
+        while pa.types.is_list(typ) or pa.types.is_large_list(typ):
+            typ = typ.value_type
+        if pa.types.is_struct(typ):
+            for f in typ:
+                out.add(f"{prefix}.{f.name}")
+                walk(f"{prefix}.{f.name}", f.type)
+
+    for f in schema:
+        out.add(f.name)
+        walk(f.name, f.type)
+    return out
 
 
 def read_table(output: str, storage_options: dict | None = None, table: str = "images", night: str | None = None) -> pads.Dataset:

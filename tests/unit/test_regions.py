@@ -216,8 +216,14 @@ def test_geotiff_nodata_is_skipped_and_the_cog_keeps_its_georeference(tmp_path):
         part = mask[core[0] : core[1], core[2] : core[3]]
         maskstore.write_region(store, None, core, part, {"core": list(core), "error": None, "pixels": int(part.size), "confidence_sum": 0.9 * part.size,
                                                          "class_pixels": np.bincount(part.ravel(), minlength=2).tolist()})
-    row = bigimage.image_rows({"store": np.array([store]), "image_id": np.array([url])}, None, "m", objects=False, cog=True).to_pylist()[0]
+    row = bigimage.image_rows({"store": np.array([store]), "image_id": np.array([url])}, None, "m", objects=True, cog=True).to_pylist()[0]
     assert row["error"] is None and row["mask_url"] == store and row["regions_skipped"] == 0
+    # each object's centroid in the scene's CRS: its pixel centre through the source's geotransform
+    n, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    expected = sorted((int(s[4]), tuple(round(v, 3) for v in transform @ (float(xy[0]) + 0.5, float(xy[1]) + 0.5)))
+                      for s, xy in zip(stats[1:], centroids[1:]))
+    got = sorted((o["area"], tuple(round(v, 3) for v in o["centroid_map"])) for o in row["objects"])
+    assert len(got) == n - 1 > 10 and got == expected
 
     with rasterio.open(cog_url(store)) as cog:
         assert cog.crs.to_epsg() == 32633 and cog.transform == transform and cog.overviews(1)
@@ -271,3 +277,14 @@ def test_only_the_region_options_given_away_from_their_defaults_are_named():
     assert region_options(config_from(SegmentConfig, {"inputs": ("a",), "output": "o", "region_size": 512})) == []
     cfg = config_from(SegmentConfig, {"inputs": ("a",), "output": "o", "mpp": 0.5, "cog": True})
     assert region_options(cfg) == ["--mpp", "--cog"]
+
+
+def test_objects_of_a_level_below_0_are_given_in_level_0_pixels():
+    """Segmented at a level 4 times coarser, an object's box, centroid and area are in level-0 pixels of the source
+    (what a viewer's annotations use); its map centroid comes from the same level-0 position."""
+    found = {1: {"count": 1, "area": np.array([10]), "bbox": np.array([[3, 5, 2, 5]]), "centroid": np.array([[3.5, 7.0]])}}
+    (obj,) = maskstore.objects_of(found, 0, (4.0, 4.0), to_map=lambda x, y: (100 + x, 200 - y))
+    assert obj["bbox"] == [12, 20, 8, 20] and obj["area"] == 160
+    assert obj["centroid"] == [(3.5 + 0.5) * 4 - 0.5, (7.0 + 0.5) * 4 - 0.5] and obj["centroid_map"] == [116.0, 170.0]
+    (same,) = maskstore.objects_of(found, 0)  # level 0: the mask's own pixels, no map
+    assert same["bbox"] == [3, 5, 2, 5] and same["centroid"] == [3.5, 7.0] and "centroid_map" not in same
