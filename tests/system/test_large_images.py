@@ -170,3 +170,36 @@ def test_nightly_segments_a_huge_image_by_region_and_commits_its_row_once(ray_lo
     assert not Path(big["mask_url"]).exists() and Path(again["mask_url"]).exists() and orphan.exists()
     vacuum(read_state(out, None), 0, True, out)
     assert not orphan.exists() and int((maskstore.read_mask(again["mask_url"]) == 0).sum()) == again["class_pixels"][0]
+
+
+@pytest.mark.flow("nightly-large-image")
+def test_nightly_huge_image_on_s3(ray_local, tmp_path, s3):
+    """The same on S3 (moto on loopback): the actors write the store's chunks through the run's storage options, its
+    objects are merged across regions, and once the row is replaced (another input size) the full vacuum leaves
+    only the current run's store."""
+    import s3fs
+
+    from rayseg.nightly import nightly
+    from rayseg.table import read_state, vacuum
+
+    bucket, opts = s3
+    fs = s3fs.S3FileSystem(**opts)
+    img = tiled_picture(1024)
+    write_pyramid(tmp_path / "slide.tif", img, levels=2, tile=128)
+    fs.put_file(str(tmp_path / "slide.tif"), f"{bucket}/in/slide.tif")
+    fs.pipe(f"{bucket}/in/a.png", png_bytes(ihc()[:100, :150]))
+    out = f"{bucket}/out"
+    kw = dict(inputs=(f"{bucket}/in",), output=out, model="unet", num_classes=2, tile=128, region_size=512, background="none",
+              batch_size=4, quiet=True, storage_options=opts, objects=True)
+    first = nightly(**kw)
+    assert (first["rows"], first["errors"], first["large_images"], first["regions"]) == (2, 0, 1, 4)
+    (big,) = [r for r in read_table(out, opts).to_table().to_pylist() if r["image_id"].endswith("slide.tif")]
+    mask = maskstore.read_mask(big["mask_url"], opts)
+    assert big["mask_url"].startswith(f"{out}/masks/{first['run_id']}/") and mask.shape == (1024, 1024)
+    n, _, _, _ = cv2.connectedComponentsWithStats((mask == 1).astype(np.uint8), connectivity=8)
+    assert len(big["objects"]) == n - 1 == big["num_components"][1]
+
+    second = nightly(**{**kw, "input_size": 64})  # a keyed option: the rows are replaced, the store is new
+    assert second["rows"] == 2 and not nightly(**{**kw, "input_size": 64})["rows"]
+    vacuum(read_state(out, opts), 0, True, out, opts)
+    assert fs.ls(f"{out}/masks") == [f"{out.removeprefix('s3://')}/masks/{second['run_id']}"]

@@ -47,7 +47,7 @@ FLOWS = {
     "own-model-export": "a checkpoint exported to ONNX and .pt2 segments like the checkpoint",
     "own-model-hf": "a Hugging Face SegFormer folder segments end to end",
     "own-model-nightly": "nightly with an ONNX model reprocesses when the file changes",
-    "nightly-large-image": "nightly segments a huge image by region and commits its one row with the others, exactly once",
+    "nightly-large-image": "nightly segments a huge image by region (locally and on S3) and commits its one row with the others, exactly once",
 }
 
 
