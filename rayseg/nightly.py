@@ -94,8 +94,9 @@ def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, r
     """One Ray Data plan over the pending shards, committed wave by wave; returns (waves, cluster, huge images).
 
     A huge image (a tiled or pyramidal TIFF over --region-pixels, or any pyramid: rayseg.bigimage) is a shard of its
-    own: its regions join the ordinary rows in the pool and write its mask store, then its one row is made from the
-    store and committed with the next wave, so its shard, like any other, commits whole or not at all."""
+    own: once the ordinary shards are done, its regions go over the pool and write its mask store, then its one
+    row is made from the store and committed with the next wave, so its shard, like any other, commits whole or
+    not at all."""
     import ray
 
     from rayseg import bigimage, progress, runtime, waves
@@ -126,8 +127,12 @@ def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, r
             rows = min(waves.WRITE_ROWS, cfg.commit_every or waves.WRITE_ROWS)
             write_kw = {"batch_format": "pyarrow", "zero_copy_batch": True, **runtime.COMMIT_TASK_ARGS,
                         "fn_kwargs": {"output": cfg.output, "storage_options": cfg.storage_options, "run_id": run_id}}
-            if units or region_rows:
-                plan = build_plan(cfg, units, bundle, counter, device_log, region_rows).map_batches(
+            # the ordinary shards first, then the regions: build_plan gives a pool that takes regions small
+            # batches (so that one image's regions reach every actor), which would shrink every ordinary batch too
+            for part_units, part_regions in [(units, []), ([], region_rows)]:
+                if not (part_units or part_regions):
+                    continue
+                plan = build_plan(cfg, part_units, bundle, counter, device_log, part_regions).map_batches(
                     waves.write_stage, batch_size=rows, **write_kw)
                 # no prefetch: the blocks are a few metadata rows, and a prefetch of 2 held each back until 2 more
                 # were done, at the end of the run when the run is short (80 shards on 2 cores: one wave, at the end)
