@@ -94,9 +94,9 @@ def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, r
     """One Ray Data plan over the pending shards, committed wave by wave; returns (waves, cluster, huge images).
 
     A huge image (a tiled or pyramidal TIFF over --region-pixels, or any pyramid: rayseg.bigimage) is a shard of its
-    own: once the ordinary shards are done, its regions go over the pool and write its mask store, then its one
-    row is made from the store and committed with the next wave, so its shard, like any other, commits whole or
-    not at all."""
+    own: once the ordinary shards are done, the regions go over a pool of their own and write the mask stores;
+    each image's one row is made from its store as soon as its last region is written (commit_huge_images) and is
+    committed with the next wave, so its shard, like any other, commits whole or not at all."""
     import ray
 
     from rayseg import bigimage, progress, runtime, waves
@@ -129,24 +129,18 @@ def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, r
                         "fn_kwargs": {"output": cfg.output, "storage_options": cfg.storage_options, "run_id": run_id}}
             # the ordinary shards first, then the regions: build_plan gives a pool that takes regions small
             # batches (so that one image's regions reach every actor), which would shrink every ordinary batch too
-            for part_units, part_regions in [(units, []), ([], region_rows)]:
-                if not (part_units or part_regions):
-                    continue
-                plan = build_plan(cfg, part_units, bundle, counter, device_log, part_regions).map_batches(
-                    waves.write_stage, batch_size=rows, **write_kw)
+            if units:
+                plan = build_plan(cfg, units, bundle, counter, device_log).map_batches(waves.write_stage, batch_size=rows, **write_kw)
                 # no prefetch: the blocks are a few metadata rows, and a prefetch of 2 held each back until 2 more
                 # were done, at the end of the run when the run is short (80 shards on 2 cores: one wave, at the end)
                 for meta in plan.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                     writer.add(meta)
-            if large:  # every region is written: each huge image's row, from its store, commits with the next wave
-                writer.expect({x["image_id"]: 1 for x in large})
+            if large:
+                plan = build_plan(cfg, [], bundle, counter, device_log, region_rows).map_batches(
+                    waves.write_stage, batch_size=rows, **write_kw) if region_rows else None
                 image_kw = {"storage_options": cfg.storage_options, "model": bundle.label, "objects": cfg.objects,
                             "min_area": cfg.min_area, "cog": cfg.cog, "ome_tiff": cfg.ome_tiff}
-                rows_of_large = ray.data.from_items(large, override_num_blocks=len(large)).map_batches(
-                    bigimage.image_rows, batch_size=1, fn_kwargs=image_kw, num_cpus=runtime.READ_CPUS)
-                for meta in rows_of_large.map_batches(waves.write_stage, batch_size=rows, **write_kw).iter_batches(
-                        batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                    writer.add(meta)
+                commit_huge_images(writer, large, region_rows, plan, counter, image_kw, cfg, run_id)
             writer.finish()
             devices = device_log.devices()
             if reporter:
@@ -155,6 +149,76 @@ def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, r
         if reporter is None:
             ray.kill(counter)
     return writer.waves, {**runtime.cluster_summary(), "devices": devices}, {"large_images": len(large), "regions": len(region_rows)}
+
+
+POLL_S = 1.0  # how often the driver asks which huge images have all their regions written
+
+
+def commit_huge_images(writer, large: list[dict], region_rows: list[dict], plan, counter, image_kw: dict, cfg, run_id: str) -> None:
+    """Runs the regions' `plan` (None: no region to segment) in a thread while this one asks the counter, every
+    POLL_S, which huge images have all their regions written; each such image's row is made and written by a Ray
+    task (image_row_file) and committed through `writer`, so a kill loses only the images still in progress, not
+    every region done so far. An image with no region to segment (all skipped, or an error from planning) goes at
+    once. The writer is used from this thread only."""
+    import collections
+    import queue
+    import threading
+
+    import ray
+
+    from rayseg import runtime
+
+    planned = collections.Counter(r["image_id"] for r in region_rows)
+    metas: queue.Queue = queue.Queue()  # a region plan gives no rows; anything it does give is committed as usual
+    failure: list[BaseException] = []
+
+    def drain() -> None:
+        try:
+            for meta in plan.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                if meta.num_rows:
+                    metas.put(meta)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the driver's thread
+            failure.append(e)
+
+    thread = threading.Thread(target=drain, name="rayseg-regions", daemon=True)
+    if plan is not None:
+        thread.start()
+    task = ray.remote(num_cpus=runtime.READ_CPUS, max_retries=3)(image_row_file)
+    waiting, inflight = list(large), {}
+    while waiting or inflight or thread.is_alive():
+        if failure:
+            raise failure[0]
+        while not metas.empty():
+            writer.add(metas.get())
+        if waiting:
+            if thread.is_alive():
+                written = ray.get(counter.regions_written.remote([x["image_id"] for x in waiting]), timeout=60)
+                ready = [x for x in waiting if written[x["image_id"]] >= planned[x["image_id"]]]
+            else:  # the plan is done: every region is written
+                ready = waiting
+            for x in ready:
+                inflight[task.remote(x["store"], x["image_id"], image_kw, cfg.output, cfg.storage_options, run_id)] = x["image_id"]
+            waiting = [x for x in waiting if x not in ready]
+        if inflight:
+            done, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=POLL_S)
+            for ref in done:
+                writer.expect({inflight.pop(ref): 1})
+                writer.add(ray.get(ref))
+        else:
+            thread.join(POLL_S)
+    while not metas.empty():
+        writer.add(metas.get())
+    if failure:
+        raise failure[0]
+
+
+def image_row_file(store: str, image_id: str, image_kw: dict, output: str, storage_options: dict | None, run_id: str):
+    """A Ray task: a huge image's row from its store (rayseg.bigimage.image_rows), written as a data file of the
+    run (waves.write_stage); returns the file's metadata for the wave writer."""
+    from rayseg import bigimage, waves
+
+    rows = bigimage.image_rows({"store": [store], "image_id": [image_id]}, **image_kw)
+    return waves.write_stage(rows, output, storage_options, run_id)
 
 
 def nightly(config: NightlyConfig | None = None, **kwargs) -> dict:

@@ -54,6 +54,7 @@ class Counter:
         self.units = self.read = self.done = self.errors = 0
         self.rows_of: dict[str, int] = {}
         self.read_order: list[str] = []  # shards in the order they were first read whole: shard_rows' cursor
+        self.regions: dict[str, set[str]] = {}  # huge image -> its regions written (a set: a retried region counts once)
 
     def add_read(self, units: int, images: int, rows_of: dict[str, int] | None = None) -> None:
         self.units += units
@@ -67,6 +68,13 @@ class Counter:
         """({shard: rows} of the shards read whole after the first `since`, the cursor for the next call): a
         consumer asking often gets what is new, not every shard of the run again."""
         return {u: self.rows_of[u] for u in self.read_order[since:]}, len(self.read_order)
+
+    def region_done(self, image: str, region: str) -> None:
+        self.regions.setdefault(image, set()).add(region)
+
+    def regions_written(self, images: list[str]) -> dict[str, int]:
+        """{image: how many of its regions are written} for the huge images asked about."""
+        return {i: len(self.regions.get(i, ())) for i in images}
 
     def add_done(self, images: int, errors: int) -> None:
         self.done += images

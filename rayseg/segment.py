@@ -73,9 +73,12 @@ class Segmenter:
         from rayseg.regions import Region
 
         taken = bigimage.region_rows(batch)
+        counter = self.encode_kw.get("counter")
         for i in taken:
-            bigimage.segment_region(self.predictor, Region.from_bytes(batch["data"][i]), self.storage_options,
-                                    self.encode_kw["num_classes"])
+            region = Region.from_bytes(batch["data"][i])
+            bigimage.segment_region(self.predictor, region, self.storage_options, self.encode_kw["num_classes"])
+            if counter is not None:  # written (or its failure recorded): nightly commits an image once all of its are
+                counter.region_done.remote(region.url, region.key)
         keep = [i for i in range(len(batch["image_id"])) if i not in set(taken)]
         return {k: v[keep] for k, v in batch.items()} if taken else batch
 

@@ -203,3 +203,25 @@ def test_nightly_huge_image_on_s3(ray_local, tmp_path, s3):
     assert second["rows"] == 2 and not nightly(**{**kw, "input_size": 64})["rows"]
     vacuum(read_state(out, opts), 0, True, out, opts)
     assert fs.ls(f"{out}/masks") == [f"{out.removeprefix('s3://')}/masks/{second['run_id']}"]
+
+
+def test_nightly_commits_a_huge_image_as_soon_as_its_last_region_is_written(ray_local, tmp_path):
+    """Two huge images on one actor, waves closed each second: the small one's row is committed while the
+    big one's regions are still being segmented, so a kill then would lose only the big one's work."""
+    from rayseg.nightly import nightly
+    from rayseg.table import read_state
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    img = tiled_picture(2048)
+    write_pyramid(inputs / "a_small.tif", np.ascontiguousarray(img[:512, :1024]), levels=2, tile=128)  # 2 regions
+    write_pyramid(inputs / "b_big.tif", np.ascontiguousarray(img[:1024, :2048]), levels=2, tile=128)  # 8 regions
+    out = str(tmp_path / "out")
+    summary = nightly(inputs=(str(inputs),), output=out, model="unet", num_classes=2, tile=128, region_size=512,
+                      background="none", actors="1:1", batch_size=4, commit_seconds=1, quiet=True)
+    assert (summary["rows"], summary["errors"], summary["large_images"], summary["regions"]) == (2, 0, 2, 10)
+    records = {url.rsplit("/", 1)[1]: r for url, r in read_state(out, None).records.items()}
+    small_committed = pd.Timestamp(records["a_small.tif"]["committed_at"]).timestamp()
+    big_regions = sorted(os.path.getmtime(p) for p in (tmp_path / "out" / "masks").glob("*/b_big-*.zarr/regions/*.json"))
+    assert len(big_regions) == 8
+    assert small_committed < big_regions[-1], "the small image waited for the big one's regions"
