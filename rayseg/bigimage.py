@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from rayseg import maskstore, regions, storage
 from rayseg.shards import error_reason
+from rayseg.stats import REGION_FIELDS
 
 log = logging.getLogger("rayseg")
 
@@ -142,9 +143,6 @@ def region_rows(batch: dict[str, np.ndarray]) -> list[int]:
     return [i for i, f in enumerate(batch.get("format", ())) if f == "region"]
 
 
-from rayseg.stats import REGION_FIELDS  # noqa: E402 - beside the helpers that use it
-
-
 def with_region_columns(table: pa.Table) -> pa.Table:
     """The two columns of a run with huge images, null on the ordinary rows."""
     for name, typ in REGION_FIELDS:
@@ -152,11 +150,9 @@ def with_region_columns(table: pa.Table) -> pa.Table:
     return table
 
 
-def map_transform(store: str, source: str, storage_options: dict):
-    """For a GeoTIFF's store: a function (x, y) in continuous level-0 pixels -> (x, y) in the source's CRS (its
-    geotransform, read with rasterio); None for other images, or without rasterio (rayseg[geo]), which is said once."""
-    if not maskstore.attributes(store, storage_options).get("geo"):
-        return None
+def map_transform(source: str, storage_options: dict):
+    """For a GeoTIFF: a function (x, y) in continuous level-0 pixels -> (x, y) in the source's CRS (its geotransform,
+    read with rasterio); None without rasterio (rayseg[geo]), which is said once. Raises if the file cannot be read."""
     if importlib.util.find_spec("rasterio") is None:
         if not getattr(map_transform, "said", False):
             log.warning("objects of GeoTIFFs get no map coordinates (centroid_map) without rasterio: pip install 'rayseg[geo]'")
@@ -171,30 +167,26 @@ def map_transform(store: str, source: str, storage_options: dict):
 def image_rows(batch: dict[str, np.ndarray], storage_options: dict, model: str, objects: bool, min_area: int = 0,
                cog: bool = False, ome_tiff: bool = False) -> pa.Table:
     """Ray Data stage: huge images' stores -> their output rows (stats.SCHEMA, the region columns, and with
-    --objects the image's objects, merged across region borders, in level-0 pixels). With `cog`, a GeoTIFF's
-    mask is also written as a COG beside its store (rayseg.geo); with `ome_tiff`, every mask as a pyramidal
-    OME-TIFF (rayseg.ometiff)."""
+    --objects the image's objects, merged across region borders, in level-0 pixels, a GeoTIFF's with map
+    coordinates). With `cog`, a GeoTIFF's mask is also written as a COG beside its store (rayseg.geo); with
+    `ome_tiff`, every mask as a pyramidal OME-TIFF (rayseg.ometiff). A georeference or an export that fails is
+    the row's error."""
     from rayseg.stats import SCHEMA
 
     rows = []
-    for store, image_id in zip(batch["store"], batch["image_id"]):
-        to_map = map_transform(str(store), str(image_id), storage_options) if objects else None
-        r = maskstore.image_row(str(store), storage_options, objects, min_area, to_map)
+    for store, image_id in zip(map(str, batch["store"]), map(str, batch["image_id"])):
+        geo = bool(maskstore.attributes(store, storage_options).get("geo"))
+        to_map, geo_error = None, None
+        if objects and geo:
+            try:
+                to_map = map_transform(image_id, storage_options)
+            except Exception as e:  # noqa: BLE001 - the mask is in its store; its objects cannot be placed on the map
+                geo_error = f"the georeference could not be read for the objects' map coordinates ({error_reason(e)})"
+        r = maskstore.image_row(store, storage_options, objects, min_area, to_map)
         r["model"] = model
-        if cog and r["error"] is None and maskstore.attributes(str(store), storage_options).get("geo"):
-            from rayseg.geo import write_cog
-
-            try:
-                write_cog(str(store), str(image_id), storage_options)
-            except Exception as e:  # noqa: BLE001 - the mask is in its store; the export's failure is this row's error
-                r["error"] = f"the COG export failed ({error_reason(e)})"
-        if ome_tiff and r["error"] is None:
-            from rayseg.ometiff import write_ome_tiff
-
-            try:
-                write_ome_tiff(str(store), storage_options)
-            except Exception as e:  # noqa: BLE001 - as the COG: the mask is in its store, the export's failure is the row's error
-                r["error"] = f"the OME-TIFF export failed ({error_reason(e)})"
+        r["error"] = r["error"] or geo_error
+        if r["error"] is None:
+            r["error"] = _exports(store, image_id, storage_options, cog and geo, ome_tiff)
         rows.append(r)
     cols = {f.name: [r.get(f.name) for r in rows] for f in SCHEMA}
     table = pa.table(cols, schema=SCHEMA)
@@ -205,3 +197,23 @@ def image_rows(batch: dict[str, np.ndarray], storage_options: dict, model: str, 
     for name, typ in REGION_FIELDS:
         table = table.append_column(pa.field(name, typ), pa.array([r.get(name) for r in rows], typ))
     return table
+
+
+def _exports(store: str, image_id: str, storage_options: dict, cog: bool, ome_tiff: bool) -> str | None:
+    """Writes the asked-for exports of a store beside it: a COG (a GeoTIFF's), a pyramidal OME-TIFF. Returns the
+    first failure as the row's error, or None."""
+    if cog:
+        from rayseg.geo import write_cog
+
+        try:
+            write_cog(store, image_id, storage_options)
+        except Exception as e:  # noqa: BLE001 - the mask is in its store; the export's failure is this row's error
+            return f"the COG export failed ({error_reason(e)})"
+    if ome_tiff:
+        from rayseg.ometiff import write_ome_tiff
+
+        try:
+            write_ome_tiff(store, storage_options)
+        except Exception as e:  # noqa: BLE001 - as the COG: the mask is in its store, the export's failure is the row's error
+            return f"the OME-TIFF export failed ({error_reason(e)})"
+    return None

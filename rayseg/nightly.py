@@ -90,8 +90,8 @@ def status(cfg: NightlyConfig, shards, key: str) -> dict:
             "running": {k: lease[k] for k in ("run_id", "host", "pid", "acquired_at", "progress")} if lease else None}
 
 
-def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, run_id: str) -> tuple[list[dict], dict]:
-    """One Ray Data plan over the pending shards, committed wave by wave; returns (waves, cluster, huge images).
+def segment_waves(cfg: NightlyConfig, pending, bundle, state, lease, key: str, run_id: str) -> tuple[list[dict], dict, dict]:
+    """The pending shards segmented and committed wave by wave; returns (waves, cluster, huge images and regions).
 
     A huge image (a tiled or pyramidal TIFF over --region-pixels, or any pyramid: rayseg.bigimage) is a shard of its
     own: once the ordinary shards are done, the regions go over a pool of their own and write the mask stores;

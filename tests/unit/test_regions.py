@@ -288,3 +288,21 @@ def test_objects_of_a_level_below_0_are_given_in_level_0_pixels():
     assert obj["centroid"] == [(3.5 + 0.5) * 4 - 0.5, (7.0 + 0.5) * 4 - 0.5] and obj["centroid_map"] == [116.0, 170.0]
     (same,) = maskstore.objects_of(found, 0)  # level 0: the mask's own pixels, no map
     assert same["bbox"] == [3, 5, 2, 5] and same["centroid"] == [3.5, 7.0] and "centroid_map" not in same
+
+
+def test_a_geotiff_whose_georeference_cannot_be_read_is_an_error_row_not_a_crash(tmp_path):
+    """--objects on a GeoTIFF store whose source rasterio cannot open: the image keeps its one row, with one
+    sentence saying why its objects have no map coordinates."""
+    pytest.importorskip("rasterio")
+    source = tmp_path / "scene.tif"
+    source.write_bytes(b"II*\x00 not a GeoTIFF any more")
+    store = maskstore.store_url(str(tmp_path / "out"), str(source))
+    maskstore.create(store, None, (512, 512), 512, {"image_id": str(source), "shape": [512, 512], "num_classes": 2, "regions": 1,
+                                                    "skipped": 0, "error": None, "geo": True})
+    part = np.zeros((512, 512), np.uint8)
+    part[100:200, 100:200] = 1
+    maskstore.write_region(store, None, (0, 512, 0, 512), part, {"core": [0, 512, 0, 512], "error": None, "pixels": part.size,
+                                                                 "confidence_sum": 0.9 * part.size, "class_pixels": np.bincount(part.ravel()).tolist()})
+    (row,) = bigimage.image_rows({"store": [store], "image_id": [str(source)]}, None, "m", objects=True).to_pylist()
+    assert row["error"].startswith("the georeference could not be read for the objects' map coordinates (")
+    assert row["mask_url"] == store and "\n" not in row["error"]
